@@ -1,0 +1,7 @@
+"""``python -m video_offload``: see ``offload/cli.py``."""
+
+import sys
+
+from .offload.cli import main
+
+sys.exit(main())

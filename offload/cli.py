@@ -1,0 +1,143 @@
+"""``python -m video_offload generate ...``: the engine from a shell, with the seed's options as hyphenated flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import OffloadConfig, SamplingParams
+from .errors import VideoOffloadError
+
+DEMO_SETTINGS = dict(height=256, width=256, num_frames=17, num_inference_steps=8)
+"""The demo's size: a tiny random model renders this in seconds on two CPU cores."""
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m video_offload", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="render a video from a text prompt")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-path", help="a Diffusers-format Wan2.1 folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
+    source.add_argument(
+        "--demo", action="store_true", help="build a tiny random-weight model locally and render from it (seconds, CPU)"
+    )
+    gen.add_argument("--prompt", default="A curious raccoon peers through a vibrant field of yellow sunflowers.")
+    gen.add_argument("--negative-prompt", default="")
+    defaults = SamplingParams()
+    for name in ("height", "width", "num_frames", "num_inference_steps", "seed"):
+        gen.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {getattr(defaults, name)}")
+    gen.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
+    gen.add_argument("--flow-shift", type=float, default=None, help="default: the model folder's")
+    gen.add_argument("--output-path", default="outputs/", help="a folder, or a file name ending in .mp4")
+    gen.add_argument("--fps", type=int, default=16)
+    gen.add_argument("--no-save", action="store_true", help="do not write the .mp4")
+    offload = gen.add_argument_group("offload options (FastVideo's names and defaults)")
+    config_defaults = OffloadConfig()
+    offload.add_argument("--num-gpus", type=int, default=config_defaults.num_gpus)
+    for name in (
+        "use_fsdp_inference",
+        "dit_cpu_offload",
+        "dit_layerwise_offload",
+        "text_encoder_cpu_offload",
+        "image_encoder_cpu_offload",
+        "vae_cpu_offload",
+        "pin_cpu_memory",
+    ):
+        offload.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_bool,
+            nargs="?",
+            const=True,
+            default=getattr(config_defaults, name),
+            metavar="BOOL",
+            help=f"default {getattr(config_defaults, name)}",
+        )
+    offload.add_argument("--prefetch-depth", type=int, default=config_defaults.prefetch_depth)
+    offload.add_argument(
+        "--resident-blocks", default="0", help='layerwise: DiT blocks kept on the GPU, or "auto" (default 0)'
+    )
+    offload.add_argument("--precision", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    offload.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .generator import VideoGenerator
+
+    sizes = {k: getattr(args, k) for k in ("height", "width", "num_frames", "num_inference_steps", "seed")}
+    try:
+        if args.demo:
+            from .tiny_model import build_tiny_wan
+
+            model_path = build_tiny_wan(Path(tempfile.mkdtemp(prefix="video_offload_demo_")) / "tiny-wan2.1-t2v")
+            sizes = {k: (DEMO_SETTINGS.get(k) if v is None else v) for k, v in sizes.items()}
+        else:
+            model_path = Path(args.model_path)
+        sizes = {k: v for k, v in sizes.items() if v is not None}
+        resident = args.resident_blocks if args.resident_blocks == "auto" else int(args.resident_blocks)
+        generator = VideoGenerator.from_pretrained(
+            model_path,
+            num_gpus=args.num_gpus,
+            use_fsdp_inference=args.use_fsdp_inference,
+            dit_cpu_offload=args.dit_cpu_offload,
+            dit_layerwise_offload=args.dit_layerwise_offload,
+            text_encoder_cpu_offload=args.text_encoder_cpu_offload,
+            image_encoder_cpu_offload=args.image_encoder_cpu_offload,
+            vae_cpu_offload=args.vae_cpu_offload,
+            pin_cpu_memory=args.pin_cpu_memory,
+            prefetch_depth=args.prefetch_depth,
+            resident_blocks=resident,
+            precision=args.precision,
+            device=args.device,
+        )
+        frames = generator.generate_video(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            guidance_scale=args.guidance_scale,
+            flow_shift=args.flow_shift,
+            output_path=args.output_path,
+            save_video=not args.no_save,
+            fps=args.fps,
+            observer=ProgressBarObserver(),
+            **sizes,
+        )
+    except (VideoOffloadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(f"rendered {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}", file=sys.stderr)
+    return 0
+
+
+class ProgressBarObserver:
+    """A terminal progress bar over denoising steps."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def before_step(self, index: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="denoising", unit="step")
+
+    def after_step(self, index: int, total: int) -> None:
+        self.bar.update(1)
+        if index + 1 == total:
+            self.bar.close()

@@ -1,0 +1,126 @@
+"""``VideoGenerator``: the Python API, in the shape of FastVideo's, so its examples run with only the import changed.
+
+    from video_offload import VideoGenerator
+    generator = VideoGenerator.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", num_gpus=1, dit_layerwise_offload=True)
+    video = generator.generate_video("A curious raccoon ...", output_path="out/", save_video=True)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import OffloadConfig, SamplingParams
+from .loading import Precision
+from .manager import OffloadManager
+from .sampling import StepObserver
+from .video_io import save_mp4
+from .wan_steps import decode_video, encode_prompts, sample_latents
+
+logger = logging.getLogger(__name__)
+
+
+class VideoGenerator:
+    """A loaded Wan2.1 model plus its offload configuration."""
+
+    def __init__(self, model_path: str | Path, config: OffloadConfig, precision: Precision, manager: OffloadManager):
+        self.config = config
+        self.manager = manager
+        self.model = manager.load(model_path, precision)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path: str | Path,
+        num_gpus: int = 1,
+        *,
+        use_fsdp_inference: bool = False,
+        dit_cpu_offload: bool = True,
+        dit_layerwise_offload: bool = True,
+        text_encoder_cpu_offload: bool = True,
+        image_encoder_cpu_offload: bool = True,
+        vae_cpu_offload: bool = True,
+        pin_cpu_memory: bool = True,
+        prefetch_depth: int = 1,
+        resident_blocks: int | str = 0,
+        precision: str = "auto",
+        vae_precision: str = "float32",
+        device: str | None = None,
+        manager: OffloadManager | None = None,
+    ) -> VideoGenerator:
+        """Check the options and the model folder (fast: no weights are read until the first generation)."""
+        config = OffloadConfig(
+            num_gpus=num_gpus,
+            use_fsdp_inference=use_fsdp_inference,
+            dit_cpu_offload=dit_cpu_offload,
+            dit_layerwise_offload=dit_layerwise_offload,
+            text_encoder_cpu_offload=text_encoder_cpu_offload,
+            image_encoder_cpu_offload=image_encoder_cpu_offload,
+            vae_cpu_offload=vae_cpu_offload,
+            pin_cpu_memory=pin_cpu_memory,
+            prefetch_depth=prefetch_depth,
+            resident_blocks=resident_blocks,  # type: ignore[arg-type]
+        )
+        return cls(model_path, config, Precision(dit=precision, vae=vae_precision), manager or OffloadManager(device))
+
+    def generate_video(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        flow_shift: float | None = None,
+        seed: int = 0,
+        output_path: str | Path = "outputs/",
+        save_video: bool = True,
+        fps: int = 16,
+        observer: StepObserver | None = None,
+    ) -> np.ndarray:
+        """Generate one video; return its frames ``[F, H, W, 3]`` as float32 in 0..1.
+
+        With ``save_video`` an .mp4 is written into ``output_path`` (a folder, or a file path ending in .mp4).
+        Every parameter is checked before any weight is read.
+        """
+        params = SamplingParams(
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            flow_shift=flow_shift,
+            seed=seed,
+        )
+        started = time.perf_counter()
+        conditioning = encode_prompts(self.manager, self.model, self.config, prompt, negative_prompt)
+        latents = sample_latents(self.manager, self.model, self.config, conditioning, params, observer)
+        frames = decode_video(self.manager, self.model, self.config, latents).numpy()
+        logger.info("generated %d frames in %.1f s", frames.shape[0], time.perf_counter() - started)
+        if save_video:
+            path = save_mp4(frames, video_path(output_path, prompt, seed), fps=fps)
+            logger.info("saved %s", path)
+        return frames
+
+    def report(self) -> list[Any]:
+        """Where each of this model's components is now (see ``OffloadManager.report``)."""
+        return [r for r in self.manager.report() if r.model == self.model.name]
+
+    def shutdown(self) -> None:
+        """Drop device copies and unpin host memory."""
+        self.manager.release(self.model)
+
+
+def video_path(output_path: str | Path, prompt: str, seed: int) -> Path:
+    """``output_path`` itself if it names an .mp4, else a file in that folder named after the prompt and seed."""
+    path = Path(output_path)
+    if path.suffix.lower() == ".mp4":
+        return path
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60] or "video"
+    return path / f"{slug}_seed{seed}.mp4"

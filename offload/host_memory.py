@@ -1,0 +1,119 @@
+"""Host (CPU) memory that holds the master copy of offloaded weights.
+
+Why an arena and not ``tensor.pin_memory()`` per parameter: PyTorch's pinned allocator rounds every allocation
+up to a power of two, so pinning a model's few hundred tensors one by one can nearly double its host footprint,
+and each tiny copy pays a launch. Instead every tensor of a module (or of a group of modules) is laid out in one
+flat, page-aligned byte buffer; parameters become views into it; and the whole buffer is page-locked once with
+``cudaHostRegister`` - the exact bytes, no rounding. A group of tensors then moves to the GPU as one large copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ALIGNMENT = 256
+"""Byte alignment of each tensor inside an arena: satisfies every dtype and keeps DMA copies on fast paths."""
+PAGE = 4096
+
+
+def align_up(value: int, alignment: int = ALIGNMENT) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one named tensor sits inside a flat buffer."""
+
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * self.dtype.itemsize
+
+    def view_into(self, flat: torch.Tensor) -> torch.Tensor:
+        """A typed, shaped view of this tensor's bytes inside ``flat`` (a 1-D uint8 tensor)."""
+        return flat[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """The byte layout of a set of named tensors, shared by every copy (host or GPU) of identically shaped groups."""
+
+    slots: tuple[TensorSlot, ...]
+    nbytes: int
+
+    @classmethod
+    def of(cls, named_tensors: list[tuple[str, torch.Tensor]]) -> FlatLayout:
+        slots = []
+        offset = 0
+        for name, tensor in named_tensors:
+            slot = TensorSlot(name, offset, tuple(tensor.shape), tensor.dtype)
+            slots.append(slot)
+            offset = align_up(offset + slot.nbytes)
+        return cls(tuple(slots), offset)
+
+    def matches(self, named_tensors: list[tuple[str, torch.Tensor]]) -> bool:
+        return len(named_tensors) == len(self.slots) and all(
+            slot.name == name and slot.shape == tuple(t.shape) and slot.dtype == t.dtype
+            for slot, (name, t) in zip(self.slots, named_tensors)
+        )
+
+
+class HostArena:
+    """One flat host buffer, optionally page-locked, that backs many tensors.
+
+    The buffer is plain pageable memory from PyTorch's CPU allocator, aligned to a page; pinning registers that
+    exact range with the CUDA driver. ``release()`` unregisters it; the memory itself is freed when the last view
+    goes away.
+    """
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.nbytes = nbytes
+        raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+        start = (-raw.data_ptr()) % PAGE
+        self.buffer = raw[start : start + nbytes]
+        self.pinned = False
+        if pin:
+            self.pinned = register_host_memory(self.buffer)
+
+    def release(self) -> None:
+        """Unpin. Idempotent; the views stay valid as pageable memory until dropped."""
+        if self.pinned:
+            unregister_host_memory(self.buffer)
+            self.pinned = False
+
+
+def register_host_memory(buffer: torch.Tensor) -> bool:
+    """Page-lock ``buffer`` in place. Returns False (and logs why) where no CUDA driver can do it."""
+    if not torch.cuda.is_available():
+        logger.debug("pin_cpu_memory: no CUDA device, host memory stays pageable")
+        return False
+    if buffer.numel() == 0:
+        return False
+    err = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 0))
+    if err != 0:
+        logger.warning(
+            "pin_cpu_memory: cudaHostRegister failed (cudaError %d) for %.2f GiB; continuing with pageable "
+            "memory, which copies at roughly half the speed. Raise the locked-memory limit (ulimit -l) to fix.",
+            err,
+            buffer.numel() / 2**30,
+        )
+        return False
+    return True
+
+
+def unregister_host_memory(buffer: torch.Tensor) -> None:
+    err = int(torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr()))
+    if err != 0:
+        logger.warning("cudaHostUnregister failed with cudaError %d", err)

@@ -1,0 +1,110 @@
+"""Whole-module placement: a host master copy, and a device copy that exists only while the module is in use.
+
+Used for the VAE, the encoders and the resident DiT. The host copy never changes during inference, so moving a
+module "back" is free: its parameters are simply pointed at the host copy again and the device copy is dropped.
+No device-to-host copy ever happens.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+import torch
+from torch import nn
+
+from .host_memory import FlatLayout, HostArena
+
+logger = logging.getLogger(__name__)
+
+
+class Placement(enum.Enum):
+    """Where a component's weights are right now."""
+
+    HOST_PINNED = "host (pinned)"
+    HOST_PAGEABLE = "host (pageable)"
+    GPU = "gpu"
+    LAYERWISE = "layerwise (blocks stream from host)"
+    FSDP = "fsdp (sharded over workers)"
+    NOT_LOADED = "not loaded"
+
+
+def module_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer, each shared tensor once (tied embeddings appear under their first name)."""
+    seen: set[int] = set()
+    named: list[tuple[str, torch.Tensor]] = []
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            named.append((name, tensor))
+    return named
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for _, t in module_tensors(module))
+
+
+def _set_tensor(module: nn.Module, name: str, data: torch.Tensor) -> None:
+    """Point the named parameter or buffer at ``data`` without creating a new Parameter (keeps ties and hooks)."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf].data = data
+    else:
+        owner._buffers[leaf] = data
+
+
+class ModulePlacer:
+    """Owns one module's host master copy (one flat arena, pinned if asked) and its optional device copy.
+
+    Construction moves the module's tensors into the arena (one tensor at a time, so host memory never holds two
+    copies of the module). ``to_device`` makes one flat device buffer and fills it with one copy; ``to_host``
+    drops it.
+    """
+
+    def __init__(self, name: str, module: nn.Module, pin: bool):
+        self.name = name
+        self.module = module
+        named = module_tensors(module)
+        self.layout = FlatLayout.of(named)
+        self.arena = HostArena(self.layout.nbytes, pin=pin)
+        for slot, (tensor_name, tensor) in zip(self.layout.slots, named):
+            view = slot.view_into(self.arena.buffer)
+            view.copy_(tensor.detach())
+            _set_tensor(module, tensor_name, view)
+        self.device_buffer: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+    @property
+    def placement(self) -> Placement:
+        if self.device_buffer is not None:
+            return Placement.GPU
+        return Placement.HOST_PINNED if self.arena.pinned else Placement.HOST_PAGEABLE
+
+    def to_device(self, device: torch.device) -> nn.Module:
+        if device.type == "cpu":
+            return self.module
+        if self.device_buffer is None:
+            buffer = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=device)
+            # From pinned memory this copy is asynchronous on the current stream; kernels that use the weights
+            # are queued after it on the same stream, so no synchronisation is needed.
+            buffer.copy_(self.arena.buffer, non_blocking=self.arena.pinned)
+            for slot in self.layout.slots:
+                _set_tensor(self.module, slot.name, slot.view_into(buffer))
+            self.device_buffer = buffer
+        return self.module
+
+    def to_host(self) -> None:
+        """Point the module back at its host copy and drop the device copy. Idempotent."""
+        if self.device_buffer is None:
+            return
+        for slot in self.layout.slots:
+            _set_tensor(self.module, slot.name, slot.view_into(self.arena.buffer))
+        self.device_buffer = None
+
+    def close(self) -> None:
+        self.to_host()
+        self.arena.release()
