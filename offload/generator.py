@@ -20,7 +20,7 @@ from .loading import Precision
 from .manager import OffloadManager
 from .sampling import StepObserver
 from .video_io import save_mp4
-from .wan_steps import decode_video, encode_prompts, sample_latents
+from .wan_steps import check_params_for_model, decode_video, encode_prompts, sample_latents
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class VideoGenerator:
             flow_shift=flow_shift,
             seed=seed,
         )
+        check_params_for_model(self.model, params)
         started = time.perf_counter()
         conditioning = encode_prompts(self.manager, self.model, self.config, prompt, negative_prompt)
         latents = sample_latents(self.manager, self.model, self.config, conditioning, params, observer)

@@ -18,3 +18,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_t2v(tmp_path_factory):
+    """A tiny random Wan2.1 T2V folder, built once per session (about a second)."""
+    from video_offload.offload.tiny_model import build_tiny_wan
+
+    return build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan2.1-t2v")
+
+
+@pytest.fixture(scope="session")
+def diffusers_t2v_reference(tiny_t2v):
+    """Run diffusers' own WanPipeline on the tiny model: the oracle for our numerics."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    cache = {}
+
+    def run(prompt, negative_prompt, seed, flow_shift=3.0, **sizes):
+        key = (prompt, negative_prompt, seed, flow_shift, tuple(sorted(sizes.items())))
+        if key not in cache:
+            pipe = WanPipeline.from_pretrained(tiny_t2v, dtype=torch.float32)
+            pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=flow_shift)
+            pipe.set_progress_bar_config(disable=True)
+            out = pipe(
+                prompt,
+                negative_prompt=negative_prompt,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="np",
+                **sizes,
+            ).frames[0]
+            cache[key] = out
+        return cache[key]
+
+    return run

@@ -1,0 +1,119 @@
+"""What the nodes take from ComfyUI when it is there: folder paths, the progress bar, the interrupt flag.
+
+Each facility is imported on its own and only if present, so the pack also works (and is tested) outside
+ComfyUI. The engine in ``offload/`` never imports any of this.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from ..offload.errors import ModelLoadError
+from ..offload.manager import OffloadManager
+
+try:  # ComfyUI's model folders
+    import folder_paths
+except ImportError:  # pragma: no cover - depends on the host
+    folder_paths = None
+
+try:  # ComfyUI's progress bar and interrupt flag
+    import comfy.model_management as comfy_model_management
+    import comfy.utils as comfy_utils
+except ImportError:  # pragma: no cover - depends on the host
+    comfy_model_management = None
+    comfy_utils = None
+
+MODEL_FOLDER_KEY = "diffusers"
+"""ComfyUI's model folder for Diffusers-format models (``ComfyUI/models/diffusers``)."""
+
+_manager_lock = threading.Lock()
+_manager: OffloadManager | None = None
+
+
+def shared_manager() -> OffloadManager:
+    """The process's one offload manager, made on first use.
+
+    ComfyUI instantiates node classes with no context to pass in, so the nodes reach the manager through this
+    accessor; it is the only process-wide state in the pack, and nothing is created at import time.
+    """
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = OffloadManager()
+        return _manager
+
+
+def in_comfyui() -> bool:
+    return folder_paths is not None
+
+
+def model_roots() -> list[Path]:
+    return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER_KEY)] if folder_paths else []
+
+
+def list_model_folders() -> list[str]:
+    """Subfolders of ComfyUI's diffusers folders that hold a ``model_index.json`` (relative names, sorted)."""
+    names = set()
+    for root in model_roots():
+        if root.is_dir():
+            for index in root.glob("*/model_index.json"):
+                names.add(index.parent.name)
+            for index in root.glob("*/*/model_index.json"):
+                names.add(index.parent.relative_to(root).as_posix())
+    return sorted(names)
+
+
+def resolve_model_folder(name: str) -> Path:
+    """The folder ``name`` inside one of ComfyUI's diffusers folders; refuses names that escape them.
+
+    ``..``, absolute paths and symlinks that lead outside the model folders are refused: a workflow from the
+    network must not make the server read arbitrary paths.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"model_name={name!r} is empty. Fix: pick a model folder from the list.")
+    if not in_comfyui():
+        return Path(name)
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ModelLoadError(
+            f"model_name={name!r} points outside ComfyUI's diffusers model folders. Fix: put the model under "
+            f"ComfyUI/models/diffusers/ and pick it by name."
+        )
+    for root in model_roots():
+        candidate = root / relative
+        if candidate.exists():
+            real_root = root.resolve()
+            real = candidate.resolve()
+            if real != real_root and real_root not in real.parents:
+                raise ModelLoadError(
+                    f"model_name={name!r} is a link to {real}, outside ComfyUI's diffusers model folders. "
+                    "Fix: move or copy the model into ComfyUI/models/diffusers/."
+                )
+            return candidate
+    roots = ", ".join(str(r) for r in model_roots()) or "(none configured)"
+    raise ModelLoadError(
+        f"model_name={name!r} was not found in ComfyUI's diffusers model folders ({roots}). Fix: download a "
+        "Diffusers-format Wan2.1 folder there and refresh the node."
+    )
+
+
+def output_directory() -> Path:
+    return Path(folder_paths.get_output_directory()) if folder_paths else Path("outputs")
+
+
+class NodeStepObserver:
+    """Advances ComfyUI's progress bar after each denoising step and honours its interrupt before each one."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def before_step(self, index: int, total: int) -> None:
+        if comfy_model_management is not None:
+            comfy_model_management.throw_exception_if_processing_interrupted()
+        if self.bar is None and comfy_utils is not None:
+            self.bar = comfy_utils.ProgressBar(total)
+
+    def after_step(self, index: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update_absolute(index + 1, total)

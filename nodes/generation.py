@@ -1,0 +1,72 @@
+"""Encode Prompt and Sample: text to conditioning, conditioning to denoised latents."""
+
+from __future__ import annotations
+
+from ..offload.config import SamplingParams
+from ..offload.wan_steps import encode_prompts, sample_latents
+from ._host import NodeStepObserver
+from .handles import CONDITIONING_TYPE, MODEL_TYPE, ModelHandle
+
+CATEGORY = "Video Offload"
+
+
+class EncodePrompt:
+    """UMT5 embeddings of the prompt and negative prompt, placed per text_encoder_cpu_offload."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE, {"tooltip": "From Load Model or Offload Settings."}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the video shows."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip":
+                    "What to steer away from (used when cfg > 1)."}),
+            }
+        }
+
+    RETURN_TYPES = (CONDITIONING_TYPE,)
+    RETURN_NAMES = ("conditioning",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    def encode(self, model: ModelHandle, prompt: str, negative_prompt: str):
+        return (encode_prompts(model.manager, model.model, model.config, prompt, negative_prompt),)
+
+
+class Sample:
+    """Denoise from the seed's noise with the DiT placed per the offload settings."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE, {"tooltip": "From Load Model or Offload Settings."}),
+                "conditioning": (CONDITIONING_TYPE, {"tooltip": "From Encode Prompt."}),
+                "width": ("INT", {"default": 832, "min": 16, "max": 8192, "step": 16, "tooltip":
+                    "Pixels, a multiple of 16. 832x480 is Wan's 480p."}),
+                "height": ("INT", {"default": 480, "min": 16, "max": 8192, "step": 16, "tooltip":
+                    "Pixels, a multiple of 16."}),
+                "num_frames": ("INT", {"default": 81, "min": 1, "max": 4093, "step": 4, "tooltip":
+                    "4k+1 frames; 81 frames = 5 s at 16 fps. Activation memory and time grow with it."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
+                "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
+                    "Guidance scale. Above 1 runs the DiT twice per step (prompt and negative prompt)."}),
+                "flow_shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip":
+                    "Noise schedule shift: 3.0 for 480p, 5.0 for 720p."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip":
+                    "Initial noise is drawn on the CPU, so a seed gives the same video on any GPU."}),
+            }
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    def sample(self, model: ModelHandle, conditioning, width, height, num_frames, steps, cfg, flow_shift, seed):
+        params = SamplingParams(
+            height=height, width=width, num_frames=num_frames, num_inference_steps=steps,
+            guidance_scale=cfg, flow_shift=flow_shift, seed=seed,
+        )
+        latents = sample_latents(model.manager, model.model, model.config, conditioning, params, NodeStepObserver())
+        return ({"samples": latents},)

@@ -1,0 +1,144 @@
+"""A small stand-in for ComfyUI's executor, for running the pack's workflow files in tests.
+
+It loads the pack the way ComfyUI's ``nodes.load_custom_node`` does (a module spec built from the folder's
+``__init__.py``, registered under the folder's name), gives it a ``folder_paths`` module pointing at test folders,
+validates each API-format input against the node's ``INPUT_TYPES`` (type, min/max, choices, link types), and
+runs the nodes in dependency order. It is deliberately strict: anything ComfyUI would reject, this rejects.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+PRIMITIVES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class WorkflowValidationError(Exception):
+    pass
+
+
+def make_folder_paths(models_dir: Path, output_dir: Path) -> types.ModuleType:
+    """A ``folder_paths`` module with ComfyUI's functions the pack uses, rooted at test folders."""
+    module = types.ModuleType("folder_paths")
+    module.folder_names_and_paths = {"diffusers": ([str(models_dir)], {"folder"})}
+    module.get_folder_paths = lambda name: list(module.folder_names_and_paths[name][0])
+    module.get_output_directory = lambda: str(output_dir)
+    return module
+
+
+def load_pack(folder: Path, module_name: str, folder_paths: types.ModuleType, extra_modules: dict | None = None):
+    """Import the pack from ``folder`` as ComfyUI does, with the given host modules visible during import."""
+    injected = {"folder_paths": folder_paths, **(extra_modules or {})}
+    saved = {name: sys.modules.get(name) for name in injected}
+    sys.modules.update(injected)
+    try:
+        spec = importlib.util.spec_from_file_location(
+            module_name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+    return module
+
+
+def _check_literal(node_id: str, name: str, spec: tuple, value: Any) -> None:
+    kind = spec[0]
+    options = spec[1] if len(spec) > 1 else {}
+    where = f"node {node_id} input {name!r}"
+    if isinstance(kind, list):
+        if value not in kind:
+            raise WorkflowValidationError(f"{where}: {value!r} not in choices {kind}")
+        return
+    if kind == "INT":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise WorkflowValidationError(f"{where}: {value!r} is not an INT")
+    elif kind == "FLOAT":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WorkflowValidationError(f"{where}: {value!r} is not a FLOAT")
+    elif kind == "STRING":
+        if not isinstance(value, str):
+            raise WorkflowValidationError(f"{where}: {value!r} is not a STRING")
+    elif kind == "BOOLEAN":
+        if not isinstance(value, bool):
+            raise WorkflowValidationError(f"{where}: {value!r} is not a BOOLEAN")
+    else:
+        raise WorkflowValidationError(f"{where}: type {kind} must come from a link, got literal {value!r}")
+    if "min" in options and value < options["min"]:
+        raise WorkflowValidationError(f"{where}: {value} is below the minimum {options['min']}")
+    if "max" in options and value > options["max"]:
+        raise WorkflowValidationError(f"{where}: {value} is above the maximum {options['max']}")
+
+
+def validate(prompt: dict, mappings: dict) -> list[str]:
+    """Check every node and input; return the node ids in an order where each node follows its inputs."""
+    for node_id, node in prompt.items():
+        cls = mappings.get(node.get("class_type"))
+        if cls is None:
+            raise WorkflowValidationError(f"node {node_id}: unknown class_type {node.get('class_type')!r}")
+        declared = cls.INPUT_TYPES()
+        required = declared.get("required", {})
+        optional = declared.get("optional", {})
+        inputs = node.get("inputs", {})
+        for name in required:
+            if name not in inputs:
+                raise WorkflowValidationError(f"node {node_id}: required input {name!r} is missing")
+        for name, value in inputs.items():
+            spec = required.get(name) or optional.get(name)
+            if spec is None:
+                raise WorkflowValidationError(f"node {node_id}: unexpected input {name!r}")
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                source = prompt.get(value[0])
+                if source is None:
+                    raise WorkflowValidationError(f"node {node_id} input {name!r}: link to missing node {value[0]}")
+                produced = mappings[source["class_type"]].RETURN_TYPES[value[1]]
+                if produced != spec[0]:
+                    raise WorkflowValidationError(
+                        f"node {node_id} input {name!r}: expects {spec[0]}, linked output gives {produced}"
+                    )
+            else:
+                _check_literal(node_id, name, spec, value)
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(node_id: str) -> None:
+        if node_id in order:
+            return
+        if node_id in visiting:
+            raise WorkflowValidationError(f"node {node_id}: cycle in links")
+        visiting.add(node_id)
+        for value in prompt[node_id]["inputs"].values():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                visit(value[0])
+        visiting.discard(node_id)
+        order.append(node_id)
+
+    for node_id in prompt:
+        visit(node_id)
+    return order
+
+
+def execute(prompt: dict, mappings: dict) -> dict[str, Any]:
+    """Validate, then run every node; return each node's outputs (a tuple, or the dict an output node returns)."""
+    results: dict[str, Any] = {}
+    for node_id in validate(prompt, mappings):
+        node = prompt[node_id]
+        cls = mappings[node["class_type"]]
+        kwargs = {}
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                kwargs[name] = results[value[0]][value[1]]
+            else:
+                kwargs[name] = value
+        results[node_id] = getattr(cls(), cls.FUNCTION)(**kwargs)
+    return results

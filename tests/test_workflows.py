@@ -1,0 +1,223 @@
+"""The shipped workflows load and run the way ComfyUI would run them, and give diffusers' frames."""
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from comfy_executor import REPO_ROOT, WorkflowValidationError, execute, load_pack, make_folder_paths, validate
+
+WORKFLOWS = REPO_ROOT / "workflows"
+API_FILES = sorted(WORKFLOWS.glob("*_api.json"))
+UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+SMALL = {"width": 96, "height": 64, "num_frames": 9, "steps": 3}
+"""Sample-node sizes for CPU runs; the workflow's own sizes are for a GPU."""
+
+
+class FakeComfy:
+    """``comfy.utils.ProgressBar`` and ``comfy.model_management``'s interrupt flag, recording what the pack does."""
+
+    def __init__(self):
+        self.progress: list[tuple[int, int]] = []
+        self.interrupt_at_call: int | None = None
+        self.calls = 0
+        fake = self
+
+        class InterruptProcessingException(Exception):
+            pass
+
+        class ProgressBar:
+            def __init__(self, total, node_id=None):
+                self.total = total
+
+            def update_absolute(self, value, total=None, preview=None):
+                fake.progress.append((value, total or self.total))
+
+        def throw_exception_if_processing_interrupted():
+            fake.calls += 1
+            if fake.interrupt_at_call is not None and fake.calls >= fake.interrupt_at_call:
+                fake.interrupt_at_call = None
+                raise InterruptProcessingException()
+
+        self.Interrupt = InterruptProcessingException
+        self.utils = types.ModuleType("comfy.utils")
+        self.utils.ProgressBar = ProgressBar
+        self.model_management = types.ModuleType("comfy.model_management")
+        self.model_management.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+        self.model_management.InterruptProcessingException = InterruptProcessingException
+        self.package = types.ModuleType("comfy")
+        self.package.utils = self.utils
+        self.package.model_management = self.model_management
+
+    def modules(self):
+        return {"comfy": self.package, "comfy.utils": self.utils, "comfy.model_management": self.model_management}
+
+
+@pytest.fixture(scope="module")
+def comfy_env(tiny_t2v, tmp_path_factory):
+    """The pack loaded from its folder under a ComfyUI-style name, with models and output folders of its own."""
+    root = tmp_path_factory.mktemp("comfyui")
+    models, output = root / "models" / "diffusers", root / "output"
+    for api_file in API_FILES:
+        for node in json.loads(api_file.read_text()).values():
+            if node["class_type"] == "VideoOffloadLoadModel":
+                target = models / node["inputs"]["model_name"]
+                if not target.exists():
+                    shutil.copytree(tiny_t2v, target)
+    fake = FakeComfy()
+    pack = load_pack(REPO_ROOT, "video-offload-under-test", make_folder_paths(models, output), fake.modules())
+    return types.SimpleNamespace(pack=pack, models=models, output=output, fake=fake)
+
+
+def small(prompt: dict) -> dict:
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        if node["class_type"] == "VideoOffloadSample":
+            node["inputs"].update(SMALL)
+        if node["class_type"] == "VideoOffloadLoadModel":
+            node["inputs"]["precision"] = "float32"
+    return prompt
+
+
+def widget_names(cls) -> list[str]:
+    """The widgets the graph editor shows for a node, in order, with the seed's control widget after it."""
+    names = []
+    for name, spec in cls.INPUT_TYPES()["required"].items():
+        if isinstance(spec[0], list) or spec[0] in WIDGET_KINDS:
+            names.append(name)
+            if len(spec) > 1 and spec[1].get("control_after_generate"):
+                names.append(f"{name}:control_after_generate")
+    return names
+
+
+def ui_to_api(ui: dict, mappings: dict) -> dict:
+    """What the graph editor sends to POST /prompt for a saved graph."""
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        cls = mappings[node["type"]]
+        inputs = {}
+        values = iter(node["widgets_values"])
+        for name in widget_names(cls):
+            value = next(values)
+            if not name.endswith(":control_after_generate"):
+                inputs[name] = value
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+def test_there_are_workflows():
+    assert API_FILES and UI_FILES
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.name)
+def test_ui_workflow_nodes_exist_with_the_right_widgets(comfy_env, ui_file):
+    mappings = comfy_env.pack.NODE_CLASS_MAPPINGS
+    ui = json.loads(ui_file.read_text())
+    for node in ui["nodes"]:
+        assert node["type"] in mappings, f"{ui_file.name}: unknown node type {node['type']}"
+        expected = widget_names(mappings[node["type"]])
+        assert len(node["widgets_values"]) == len(expected), (node["type"], expected, node["widgets_values"])
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.name)
+def test_ui_and_api_workflows_are_the_same_graph(comfy_env, ui_file):
+    api_file = ui_file.with_name(ui_file.stem + "_api.json")
+    assert api_file.is_file(), f"{ui_file.name} has no API-format twin"
+    api = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in json.loads(api_file.read_text()).items()}
+    assert ui_to_api(json.loads(ui_file.read_text()), comfy_env.pack.NODE_CLASS_MAPPINGS) == api
+
+
+@pytest.mark.parametrize("api_file", API_FILES, ids=lambda p: p.name)
+def test_api_workflow_runs_and_matches_diffusers(comfy_env, api_file, diffusers_t2v_reference):
+    prompt = small(json.loads(api_file.read_text()))
+    comfy_env.fake.progress.clear()
+    results = execute(prompt, comfy_env.pack.NODE_CLASS_MAPPINGS)
+    decode_id = next(k for k, v in prompt.items() if v["class_type"] == "VideoOffloadDecodeVAE")
+    frames = results[decode_id][0]
+    assert isinstance(frames, torch.Tensor) and frames.dtype == torch.float32
+    encode = next(v for v in prompt.values() if v["class_type"] == "VideoOffloadEncodePrompt")["inputs"]
+    sample = next(v for v in prompt.values() if v["class_type"] == "VideoOffloadSample")["inputs"]
+    reference = diffusers_t2v_reference(
+        encode["prompt"],
+        encode["negative_prompt"],
+        sample["seed"],
+        flow_shift=sample["flow_shift"],
+        guidance_scale=sample["cfg"],
+        height=sample["height"],
+        width=sample["width"],
+        num_frames=sample["num_frames"],
+        num_inference_steps=sample["steps"],
+    )
+    assert np.abs(frames.numpy() - reference).max() <= 1e-4
+    assert comfy_env.fake.progress[-1] == (SMALL["steps"], SMALL["steps"])
+    saved = [p for p in comfy_env.output.rglob("*.mp4")]
+    assert saved, "Save Video wrote nothing"
+
+
+def test_interrupt_stops_between_steps_and_the_next_run_works(comfy_env):
+    prompt = small(json.loads(API_FILES[0].read_text()))
+    comfy_env.fake.calls = 0
+    comfy_env.fake.interrupt_at_call = 2  # before the second denoising step
+    comfy_env.fake.progress.clear()
+    with pytest.raises(comfy_env.fake.Interrupt):
+        execute(prompt, comfy_env.pack.NODE_CLASS_MAPPINGS)
+    assert comfy_env.fake.progress == [(1, SMALL["steps"])]
+    results = execute(prompt, comfy_env.pack.NODE_CLASS_MAPPINGS)
+    assert any(isinstance(r, tuple) and r and isinstance(r[0], torch.Tensor) for r in results.values())
+
+
+@pytest.mark.parametrize(
+    "node_class, field, value, message",
+    [
+        ("VideoOffloadSample", "num_frames", 5000, "above the maximum"),
+        ("VideoOffloadSample", "cfg", "high", "is not a FLOAT"),
+        ("VideoOffloadSample", "seed", True, "is not an INT"),
+        ("VideoOffloadLoadModel", "precision", "int4", "not in choices"),
+        ("VideoOffloadSettings", "pin_cpu_memory", 1, "is not a BOOLEAN"),
+    ],
+)
+def test_executor_rejects_what_comfyui_rejects(comfy_env, node_class, field, value, message):
+    prompt = small(json.loads(API_FILES[0].read_text()))
+    next(v for v in prompt.values() if v["class_type"] == node_class)["inputs"][field] = value
+    with pytest.raises(WorkflowValidationError, match=message):
+        validate(prompt, comfy_env.pack.NODE_CLASS_MAPPINGS)
+
+
+def test_model_names_cannot_escape_the_model_folders(comfy_env, tmp_path):
+    ModelLoadError = comfy_env.pack.offload.ModelLoadError  # the class as the ComfyUI-loaded copy defines it
+    load = comfy_env.pack.NODE_CLASS_MAPPINGS["VideoOffloadLoadModel"]()
+    for name in ("../secrets", str(tmp_path), "/etc"):
+        with pytest.raises(ModelLoadError, match="outside ComfyUI's diffusers model folders"):
+            load.load(name, "auto", "float32")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (comfy_env.models / "sneaky").symlink_to(outside)
+    with pytest.raises(ModelLoadError, match="is a link to .*outside ComfyUI's diffusers model folders"):
+        load.load("sneaky", "auto", "float32")
+
+
+def test_every_input_has_a_tooltip(comfy_env):
+    for name, cls in comfy_env.pack.NODE_CLASS_MAPPINGS.items():
+        for group in cls.INPUT_TYPES().values():
+            for input_name, spec in group.items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+
+
+def test_pack_works_from_any_folder_name(tmp_path, comfy_env):
+    """ComfyUI names the module after the folder; the pack must not assume its own name."""
+    copy = tmp_path / "Some Pack-Name"
+    shutil.copytree(REPO_ROOT, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "tests"))
+    pack = load_pack(copy, "Some Pack-Name", make_folder_paths(comfy_env.models, comfy_env.output), {})
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(comfy_env.pack.NODE_CLASS_MAPPINGS)
+    assert sys.modules["Some Pack-Name"] is pack
