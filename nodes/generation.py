@@ -11,7 +11,8 @@ CATEGORY = "Video Offload"
 
 
 class EncodePrompt:
-    """UMT5 embeddings of the prompt and negative prompt, placed per text_encoder_cpu_offload."""
+    """UMT5 embeddings of the prompt and negative prompt (and, for image-to-video, CLIP features of the start
+    image), each encoder placed per its offload option."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -21,7 +22,11 @@ class EncodePrompt:
                 "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the video shows."}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip":
                     "What to steer away from (used when cfg > 1)."}),
-            }
+            },
+            "optional": {
+                "image": ("IMAGE", {"tooltip":
+                    "Image-to-video models only: the start frame (the first image of the batch is used)."}),
+            },
         }
 
     RETURN_TYPES = (CONDITIONING_TYPE,)
@@ -29,8 +34,9 @@ class EncodePrompt:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, model: ModelHandle, prompt: str, negative_prompt: str):
-        return (encode_prompts(model.manager, model.model, model.config, prompt, negative_prompt),)
+    def encode(self, model: ModelHandle, prompt: str, negative_prompt: str, image=None):
+        start = None if image is None else image[:1]
+        return (encode_prompts(model.manager, model.model, model.config, prompt, negative_prompt, start),)
 
 
 class Sample:

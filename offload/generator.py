@@ -82,11 +82,13 @@ class VideoGenerator:
         output_path: str | Path = "outputs/",
         save_video: bool = True,
         fps: int = 16,
+        image: Any = None,
         observer: StepObserver | None = None,
     ) -> np.ndarray:
         """Generate one video; return its frames ``[F, H, W, 3]`` as float32 in 0..1.
 
         With ``save_video`` an .mp4 is written into ``output_path`` (a folder, or a file path ending in .mp4).
+        ``image`` (image-to-video models) is the start frame: a PIL image, a file path or an ``[H, W, 3]`` array.
         Every parameter is checked before any weight is read.
         """
         params = SamplingParams(
@@ -100,7 +102,7 @@ class VideoGenerator:
         )
         check_params_for_model(self.model, params)
         started = time.perf_counter()
-        conditioning = encode_prompts(self.manager, self.model, self.config, prompt, negative_prompt)
+        conditioning = encode_prompts(self.manager, self.model, self.config, prompt, negative_prompt, image)
         latents = sample_latents(self.manager, self.model, self.config, conditioning, params, observer)
         frames = decode_video(self.manager, self.model, self.config, latents).numpy()
         logger.info("generated %d frames in %.1f s", frames.shape[0], time.perf_counter() - started)

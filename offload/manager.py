@@ -26,6 +26,8 @@ from .placement import ModulePlacer, Placement, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
+PROMPT_CACHE_SIZE = 16
+
 
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -55,6 +57,8 @@ class LoadedWan:
     dit_offloader: Any = None
     """The LayerwiseOffloader while the DiT is in layerwise mode."""
     dit_offloader_key: tuple | None = None
+    prompt_cache: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    """Recent prompt embeddings (a few MB each), so re-queueing a workflow does not re-encode."""
 
     @property
     def name(self) -> str:
@@ -123,7 +127,7 @@ class OffloadManager:
 
     def _placer(self, model: LoadedWan, name: str, pin: bool) -> ModulePlacer:
         placer = model.placers.get(name)
-        if placer is None or placer.arena.pinned != (pin and self.device.type == "cuda"):
+        if placer is None or placer.pin_requested != pin:
             if placer is not None:
                 placer.close()
             placer = ModulePlacer(f"{model.name}/{name}", self._component(model, name), pin=pin)
@@ -131,17 +135,16 @@ class OffloadManager:
         return placer
 
     @contextlib.contextmanager
-    def encoder_in_use(self, model: LoadedWan, name: str, cpu_offload: bool, config: OffloadConfig) -> Iterator[tuple[nn.Module, torch.device]]:
+    def encoder_in_use(
+        self, model: LoadedWan, name: str, cpu_offload: bool, config: OffloadConfig
+    ) -> Iterator[tuple[nn.Module, torch.device]]:
         """Yield a text/image encoder or VAE ready to run, and the device it runs on.
 
         ``text_encoder`` with cpu offload computes on the CPU (FastVideo's meaning). The image encoder and VAE with
-        cpu offload are copied to the GPU for the call and the copy is dropped after. Without offload the module
-        is placed on the GPU and stays there.
+        cpu offload are copied to the device for the call and the copy is dropped after. Without offload the
+        module is placed on the device and stays there.
         """
         module = self._component(model, name)
-        if self.device.type == "cpu":
-            yield module, self.device
-            return
         if name == "text_encoder" and cpu_offload:
             self._log_once(f"{model.name}/text_encoder: weights and compute on CPU (text_encoder_cpu_offload)")
             placer = model.placers.get(name)
@@ -151,16 +154,37 @@ class OffloadManager:
             return
         placer = self._placer(model, name, pin=config.pin_cpu_memory)
         with self._stage(f"{name} on {self.device}", config):
+            if placer.device_buffer is None:
+                logger.info(
+                    "%s/%s: %.2f GiB copied to %s (%s)", model.name, name, placer.nbytes / 2**30, self.device,
+                    "released after use" if cpu_offload else "kept resident",
+                )
             placer.to_device(self.device)
-            logger.info(
-                "%s/%s: %.2f GiB copied to %s (%s)", model.name, name, placer.nbytes / 2**30, self.device,
-                "released after use" if cpu_offload else "kept resident",
-            )
             try:
                 yield module, self.device
             finally:
                 if cpu_offload:
                     placer.to_host()
+
+    def text_compute_device(self, config: OffloadConfig) -> torch.device:
+        return torch.device("cpu") if config.text_encoder_cpu_offload else self.device
+
+    def cached_prompt(self, model: LoadedWan, config: OffloadConfig, text: str) -> torch.Tensor | None:
+        """The embedding of ``text`` if this model encoded it on the same kind of device before."""
+        key = (text, self.text_compute_device(config).type)
+        with self._lock:
+            hit = model.prompt_cache.pop(key, None)
+            if hit is not None:
+                model.prompt_cache[key] = hit  # most recently used last
+                logger.debug("prompt embedding cache hit")
+            return hit
+
+    def cache_prompt(self, model: LoadedWan, config: OffloadConfig, text: str, embeds: torch.Tensor) -> None:
+        key = (text, self.text_compute_device(config).type)
+        with self._lock:
+            model.prompt_cache[key] = embeds
+            while len(model.prompt_cache) > PROMPT_CACHE_SIZE:
+                model.prompt_cache.pop(next(iter(model.prompt_cache)))
 
     @contextlib.contextmanager
     def dit_in_use(self, model: LoadedWan, config: OffloadConfig) -> Iterator[nn.Module]:

@@ -28,7 +28,7 @@ ALLOWED_CLASSES = {
     "vae": {"AutoencoderKLWan"},
     "scheduler": {"UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"},
     "image_encoder": {"CLIPVisionModel", "CLIPVisionModelWithProjection"},
-    "image_processor": {"CLIPImageProcessor"},
+    "image_processor": {"CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil"},
 }
 """Classes a folder may name per component. ``model_index.json`` is data from the internet; it never chooses
 arbitrary code to import."""

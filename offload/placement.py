@@ -65,6 +65,7 @@ class ModulePlacer:
     def __init__(self, name: str, module: nn.Module, pin: bool):
         self.name = name
         self.module = module
+        self.pin_requested = pin
         named = module_tensors(module)
         self.layout = FlatLayout.of(named)
         self.arena = HostArena(self.layout.nbytes, pin=pin)
@@ -85,8 +86,7 @@ class ModulePlacer:
         return Placement.HOST_PINNED if self.arena.pinned else Placement.HOST_PAGEABLE
 
     def to_device(self, device: torch.device) -> nn.Module:
-        if device.type == "cpu":
-            return self.module
+        """Give the module a device copy (on a CPU-only machine a separate host copy, so the same code runs)."""
         if self.device_buffer is None:
             buffer = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=device)
             # From pinned memory this copy is asynchronous on the current stream; kernels that use the weights

@@ -23,6 +23,9 @@ class Conditioning:
     negative_prompt_embeds: torch.Tensor | None
     image_embeds: torch.Tensor | None = None
     """CLIP image features (image-to-video only)."""
+    image: Any = None
+    """The start image (PIL, image-to-video only). Its VAE latents depend on the video's size, so they are made
+    when sampling, into ``image_condition``."""
     image_condition: torch.Tensor | None = None
     """Mask + VAE latents of the first frame, concatenated to the noisy latents (image-to-video only)."""
 

@@ -1,12 +1,14 @@
-"""The three stages of a Wan2.1 generation - encode, sample, decode - each run through the offload manager.
+"""The stages of a Wan2.1 generation - encode, sample, decode - each run through the offload manager.
 
-The ComfyUI nodes call these one per node; ``VideoGenerator`` calls all three. Each stage asks the manager for
+The ComfyUI nodes call these one per node; ``VideoGenerator`` calls all of them. Each stage asks the manager for
 the component it needs, so the placement rules live in one place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any
 
 import torch
 
@@ -21,16 +23,56 @@ logger = logging.getLogger(__name__)
 
 
 def encode_prompts(
-    manager: OffloadManager, model: LoadedWan, config: OffloadConfig, prompt: str, negative_prompt: str = ""
+    manager: OffloadManager,
+    model: LoadedWan,
+    config: OffloadConfig,
+    prompt: str,
+    negative_prompt: str = "",
+    image: Any = None,
 ) -> Conditioning:
-    """Encode the prompt and the negative prompt; the embeddings come back on the CPU."""
+    """Encode the prompt, the negative prompt and (image-to-video) the start image; results live on the CPU.
+
+    Embeddings of a prompt are cached by the manager: re-queueing a workflow with the same text does not run the
+    text encoder again.
+    """
     validate_prompt("prompt", prompt)
     validate_prompt("negative_prompt", negative_prompt, allow_empty=True)
-    tokenizer = manager.tokenizer(model)
-    with manager.encoder_in_use(model, "text_encoder", config.text_encoder_cpu_offload, config) as (encoder, device):
-        positive = encode_prompt(tokenizer, encoder, prompt, device).cpu()
-        negative = encode_prompt(tokenizer, encoder, negative_prompt, device).cpu()
-    return Conditioning(prompt_embeds=positive, negative_prompt_embeds=negative)
+    pil_image = _check_image_for_model(model, image)
+    embeds = []
+    for text in (prompt, negative_prompt):
+        cached = manager.cached_prompt(model, config, text)
+        if cached is None:
+            tokenizer = manager.tokenizer(model)
+            with manager.encoder_in_use(model, "text_encoder", config.text_encoder_cpu_offload, config) as (encoder, device):
+                cached = encode_prompt(tokenizer, encoder, text, device).cpu()
+            manager.cache_prompt(model, config, text, cached)
+        embeds.append(cached)
+    image_embeds = None
+    if pil_image is not None:
+        from .image_conditioning import encode_image_embeds
+
+        processor = manager.image_processor(model)
+        with manager.encoder_in_use(model, "image_encoder", config.image_encoder_cpu_offload, config) as (encoder, device):
+            image_embeds = encode_image_embeds(processor, encoder, pil_image, device).cpu()
+    return Conditioning(embeds[0], embeds[1], image_embeds=image_embeds, image=pil_image)
+
+
+def _check_image_for_model(model: LoadedWan, image: Any):
+    if model.folder.image_to_video:
+        if image is None:
+            raise ConfigError(
+                "image", None, f"{model.name} is an image-to-video model and needs a start image",
+                "connect an IMAGE to Encode Prompt's image input (or pass image=... to generate_video)",
+            )
+        from .image_conditioning import to_pil
+
+        return to_pil(image)
+    if image is not None:
+        raise ConfigError(
+            "image", type(image).__name__, f"{model.name} is a text-to-video model and takes no start image",
+            "load a Wan2.1 I2V model, or disconnect the image",
+        )
+    return None
 
 
 def check_params_for_model(model: LoadedWan, params: SamplingParams) -> None:
@@ -60,10 +102,23 @@ def sample_latents(
 ) -> torch.Tensor:
     """Denoise from the seed's noise; return ``[1, 16, T, H/8, W/8]`` float32 latents on the CPU."""
     check_params_for_model(model, params)
+    if model.folder.image_to_video and (conditioning.image is None or conditioning.image_embeds is None):
+        raise ConfigError(
+            "conditioning", "text only", f"{model.name} is an image-to-video model",
+            "encode the prompt with a start image connected",
+        )
     scheduler_class, scheduler_config = manager.scheduler_config(model)
     scheduler = make_scheduler(scheduler_class, scheduler_config, params.flow_shift)
     z_dim = int(model.folder.read_config("vae").get("z_dim", 16))
     noise = initial_noise(params, z_dim)
+    if conditioning.image is not None and conditioning.image_condition is None:
+        from .image_conditioning import image_condition_latents
+
+        with manager.encoder_in_use(model, "vae", config.vae_cpu_offload, config) as (vae, device):
+            condition = image_condition_latents(vae, conditioning.image, params, device)
+        conditioning = dataclasses.replace(conditioning, image_condition=condition)
+    if config.distributed:
+        return manager.worker_group(model, config).sample(conditioning, params, noise, observer)
     with manager.dit_in_use(model, config) as transformer:
         predictor = DiTNoisePredictor(transformer, conditioning, manager.device, model.dit_dtype)
         return denoise(predictor, scheduler, params, noise, manager.device, observer)

@@ -31,15 +31,19 @@ def make_folder_paths(models_dir: Path, output_dir: Path) -> types.ModuleType:
     return module
 
 
-def load_pack(folder: Path, module_name: str, folder_paths: types.ModuleType, extra_modules: dict | None = None):
+def comfy_module_name(folder: Path) -> str:
+    """ComfyUI registers a custom-node folder under its absolute path, dots replaced (``nodes.load_custom_node``)."""
+    return str(folder.resolve()).replace(".", "_x_")
+
+
+def load_pack(folder: Path, folder_paths: types.ModuleType, extra_modules: dict | None = None):
     """Import the pack from ``folder`` as ComfyUI does, with the given host modules visible during import."""
+    module_name = comfy_module_name(folder)
     injected = {"folder_paths": folder_paths, **(extra_modules or {})}
     saved = {name: sys.modules.get(name) for name in injected}
     sys.modules.update(injected)
     try:
-        spec = importlib.util.spec_from_file_location(
-            module_name, folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
+        spec = importlib.util.spec_from_file_location(module_name, folder / "__init__.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         spec.loader.exec_module(module)

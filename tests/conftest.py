@@ -52,3 +52,40 @@ def diffusers_t2v_reference(tiny_t2v):
         return cache[key]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_i2v(tmp_path_factory):
+    """A tiny random Wan2.1 I2V folder (with image_encoder/ and image_processor/)."""
+    from video_offload.offload.tiny_model import TinyWanSpec, build_tiny_wan
+
+    return build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan2.1-i2v", spec=TinyWanSpec(image_to_video=True))
+
+
+@pytest.fixture(scope="session")
+def start_image():
+    """A deterministic RGB start image whose size differs from the video's, as real inputs do."""
+    import numpy as np
+    import PIL.Image
+
+    return PIL.Image.fromarray((np.random.RandomState(0).rand(80, 120, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="session")
+def diffusers_i2v_reference(tiny_i2v):
+    """diffusers' WanImageToVideoPipeline on the tiny I2V model."""
+    from diffusers import WanImageToVideoPipeline
+
+    def run(image, prompt, negative_prompt, seed, **sizes):
+        pipe = WanImageToVideoPipeline.from_pretrained(tiny_i2v, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(
+            image,
+            prompt,
+            negative_prompt=negative_prompt,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="np",
+            **sizes,
+        ).frames[0]
+
+    return run

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_executor import REPO_ROOT, WorkflowValidationError, execute, load_pack, make_folder_paths, validate
+from comfy_executor import (
+    REPO_ROOT,
+    WorkflowValidationError,
+    comfy_module_name,
+    execute,
+    load_pack,
+    make_folder_paths,
+    validate,
+)
 
 WORKFLOWS = REPO_ROOT / "workflows"
 API_FILES = sorted(WORKFLOWS.glob("*_api.json"))
@@ -71,7 +79,7 @@ def comfy_env(tiny_t2v, tmp_path_factory):
                 if not target.exists():
                     shutil.copytree(tiny_t2v, target)
     fake = FakeComfy()
-    pack = load_pack(REPO_ROOT, "video-offload-under-test", make_folder_paths(models, output), fake.modules())
+    pack = load_pack(REPO_ROOT, make_folder_paths(models, output), fake.modules())
     return types.SimpleNamespace(pack=pack, models=models, output=output, fake=fake)
 
 
@@ -215,9 +223,9 @@ def test_every_input_has_a_tooltip(comfy_env):
 
 
 def test_pack_works_from_any_folder_name(tmp_path, comfy_env):
-    """ComfyUI names the module after the folder; the pack must not assume its own name."""
-    copy = tmp_path / "Some Pack-Name"
+    """ComfyUI names the module after the folder's path; the pack must not assume its own name."""
+    copy = tmp_path / "Some Pack-Name.v2"
     shutil.copytree(REPO_ROOT, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "tests"))
-    pack = load_pack(copy, "Some Pack-Name", make_folder_paths(comfy_env.models, comfy_env.output), {})
+    pack = load_pack(copy, make_folder_paths(comfy_env.models, comfy_env.output), {})
     assert set(pack.NODE_CLASS_MAPPINGS) == set(comfy_env.pack.NODE_CLASS_MAPPINGS)
-    assert sys.modules["Some Pack-Name"] is pack
+    assert sys.modules[comfy_module_name(copy)] is pack
