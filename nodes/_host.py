@@ -35,13 +35,19 @@ def shared_manager() -> OffloadManager:
     """The process's one offload manager, made on first use.
 
     ComfyUI instantiates node classes with no context to pass in, so the nodes reach the manager through this
-    accessor; it is the only process-wide state in the pack, and nothing is created at import time.
+    accessor; it is the only process-wide state in the pack, and nothing is created at import time. The manager
+    holds models weakly: ComfyUI's output cache owns them, so its "free memory" frees ours too.
     """
     global _manager
     with _manager_lock:
         if _manager is None:
-            _manager = OffloadManager()
+            _manager = OffloadManager(make_room=make_room_in_comfyui if comfy_model_management else None)
         return _manager
+
+
+def make_room_in_comfyui(nbytes: int, device) -> None:
+    """Ask ComfyUI to unload its own models until ``nbytes`` are free on ``device`` (its public API, no patching)."""
+    comfy_model_management.free_memory(nbytes, device)
 
 
 def in_comfyui() -> bool:

@@ -61,6 +61,10 @@ class OffloadSettings:
         return {
             "required": {
                 "model": (MODEL_TYPE, {"tooltip": "From Load Model."}),
+                "mode": (["manual", "auto"], {"default": "manual", "tooltip":
+                    "manual: use the options below. auto: start with everything on the GPU and, on each "
+                    "out-of-memory, turn on the next option of the recommended order (logged); the seven options "
+                    "below are then ignored."}),
                 "num_gpus": ("INT", {"default": d.num_gpus, "min": 1, "max": 64, "tooltip":
                     "GPUs to use. More than one needs use_fsdp_inference (and dit_layerwise_offload off)."}),
                 "use_fsdp_inference": _flag(d.use_fsdp_inference,
@@ -100,6 +104,8 @@ class OffloadSettings:
         "Several GPUs: FSDP (layerwise and DiT CPU offload off), then encoders/VAE, then dit_cpu_offload."
     )
 
-    def configure(self, model: ModelHandle, auto_resident_blocks: bool, resident_blocks: int, **options):
-        config = OffloadConfig(resident_blocks="auto" if auto_resident_blocks else resident_blocks, **options)
+    def configure(self, model: ModelHandle, mode: str, auto_resident_blocks: bool, resident_blocks: int, **options):
+        config = OffloadConfig(
+            resident_blocks="auto" if auto_resident_blocks else resident_blocks, auto_offload=mode == "auto", **options
+        )
         return (dataclasses.replace(model, config=config),)

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     offload.add_argument(
         "--resident-blocks", default="0", help='layerwise: DiT blocks kept on the GPU, or "auto" (default 0)'
     )
+    offload.add_argument(
+        "--auto-offload", type=_bool, nargs="?", const=True, default=False, metavar="BOOL",
+        help="walk the recommended order by itself on out-of-memory (ignores the seven options)",
+    )
     offload.add_argument("--precision", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
     offload.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     return parser
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             pin_cpu_memory=args.pin_cpu_memory,
             prefetch_depth=args.prefetch_depth,
             resident_blocks=resident,
+            auto_offload=args.auto_offload,
             precision=args.precision,
             device=args.device,
         )

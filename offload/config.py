@@ -75,6 +75,9 @@ class OffloadConfig:
     resident_blocks: int | Literal["auto"] = 0
     """Layerwise only: DiT blocks kept on the GPU for the whole run (the rest stream). ``"auto"`` keeps as many as
     free memory allows after measuring what one denoising step needs; 0 streams every block (FastVideo's)."""
+    auto_offload: bool = False
+    """Ignore the seven options and walk the recommended order by itself: start resident (or plain FSDP on
+    several GPUs) and turn on the next option whenever a stage runs out of memory, logging each choice."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -90,6 +93,8 @@ class OffloadConfig:
                 10_000,
                 'use 0 to stream every block, a block count, or "auto"',
             )
+        if self.auto_offload:
+            return  # the seven options are chosen by the auto walk, so their combination is not the user's
         if self.use_fsdp_inference and self.dit_layerwise_offload:
             raise ConfigError(
                 "dit_layerwise_offload",
@@ -115,7 +120,7 @@ class OffloadConfig:
 
     @property
     def distributed(self) -> bool:
-        return self.use_fsdp_inference and self.num_gpus > 1
+        return self.use_fsdp_inference and self.num_gpus > 1 and not self.auto_offload
 
     def next_option_to_enable(self) -> str | None:
         """The first option of the seed's recommended order that is still off, or None when all are on."""

@@ -48,6 +48,7 @@ class VideoGenerator:
         pin_cpu_memory: bool = True,
         prefetch_depth: int = 1,
         resident_blocks: int | str = 0,
+        auto_offload: bool = False,
         precision: str = "auto",
         vae_precision: str = "float32",
         device: str | None = None,
@@ -65,6 +66,7 @@ class VideoGenerator:
             pin_cpu_memory=pin_cpu_memory,
             prefetch_depth=prefetch_depth,
             resident_blocks=resident_blocks,  # type: ignore[arg-type]
+            auto_offload=auto_offload,
         )
         return cls(model_path, config, Precision(dit=precision, vae=vae_precision), manager or OffloadManager(device))
 

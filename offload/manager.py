@@ -2,7 +2,11 @@
 
 Nodes and the Python API never move weights themselves; they ask the manager for a component "in use" for a
 stage, and the manager places it according to the ``OffloadConfig`` and releases it afterwards. That keeps the
-rules (and the log of every placement decision) in one place, and makes the process's memory story auditable.
+rules (and the log line of every placement decision) in one place.
+
+The manager keeps only weak references to models: whoever holds a ``LoadedWan`` (a ``VideoGenerator``, or
+ComfyUI's output cache through a node's output) keeps it alive, and when the last holder lets go its device
+copies and pinned memory are freed.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +24,20 @@ import torch
 from torch import nn
 
 from . import loading
+from .auto_offload import config_at_level, describe, levels_for
 from .config import OffloadConfig
 from .errors import OffloadOutOfMemoryError
-from .model_folder import WanModelFolder, inspect_model_folder
+from .loaded_model import LoadedWan
+from .memory_guard import BudgetExceeded, oom_guard
+from .model_folder import inspect_model_folder
 from .placement import ModulePlacer, Placement, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
 PROMPT_CACHE_SIZE = 16
+
+MakeRoom = Callable[[int, torch.device], None]
+"""Asks the host application to free ``bytes`` on ``device`` (ComfyUI: unload its own models)."""
 
 
 def default_device() -> torch.device:
@@ -44,39 +55,26 @@ class PlacementRecord:
     device: str
 
 
-@dataclass
-class LoadedWan:
-    """A Wan folder's components in host memory, loaded lazily: a node that never encodes never loads UMT5."""
-
-    folder: WanModelFolder
-    precision: loading.Precision
-    dit_dtype: torch.dtype
-    vae_dtype: torch.dtype
-    components: dict[str, Any] = field(default_factory=dict)
-    placers: dict[str, ModulePlacer] = field(default_factory=dict)
-    dit_offloader: Any = None
-    """The LayerwiseOffloader while the DiT is in layerwise mode."""
-    dit_offloader_key: tuple | None = None
-    prompt_cache: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
-    """Recent prompt embeddings (a few MB each), so re-queueing a workflow does not re-encode."""
-
-    @property
-    def name(self) -> str:
-        return self.folder.path.name
-
-
 class OffloadManager:
     """Loads Wan models into host memory and places their components on the compute device per stage.
 
-    One per process is the intended use (ComfyUI nodes share one; a ``VideoGenerator`` makes its own unless
-    given one). Thread-safe for ComfyUI's single worker thread plus API callers.
+    ``make_room`` is called before large weights are placed on the device, so a host application can free what
+    it holds there. ``memory_budget`` caps the bytes of weights this manager keeps on the device; placing beyond
+    it fails like an out-of-memory error (with the same advice).
     """
 
-    def __init__(self, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        device: torch.device | str | None = None,
+        make_room: MakeRoom | None = None,
+        memory_budget: int | None = None,
+    ):
         self.device = torch.device(device) if device is not None else default_device()
-        self._models: dict[tuple, LoadedWan] = {}
+        self.make_room = make_room
+        self.memory_budget = memory_budget
+        self._models: weakref.WeakValueDictionary[tuple, LoadedWan] = weakref.WeakValueDictionary()
         self._lock = threading.RLock()
-        self._logged_no_effect: set[str] = set()
+        self._logged: set[str] = set()
 
     # ------------------------------------------------------------------ loading
 
@@ -85,15 +83,17 @@ class OffloadManager:
         folder = inspect_model_folder(path)
         key = (str(folder.path.resolve()), precision)
         with self._lock:
-            if key not in self._models:
-                self._models[key] = LoadedWan(
+            model = self._models.get(key)
+            if model is None:
+                model = LoadedWan(
                     folder=folder,
                     precision=precision,
                     dit_dtype=loading.resolve_dtype(precision.dit, self.device),
                     vae_dtype=loading.DTYPES[precision.vae],
                 )
+                self._models[key] = model
                 logger.info("registered model %s (%s)", folder.path, folder.pipeline_class)
-            return self._models[key]
+            return model
 
     def _component(self, model: LoadedWan, name: str) -> Any:
         with self._lock:
@@ -108,8 +108,8 @@ class OffloadManager:
                     "image_processor": lambda: loading.load_image_processor(folder),
                     "scheduler": lambda: loading.load_scheduler_config(folder),
                 }
-                model.components[name] = loaders[name]()
-                obj = model.components[name]
+                obj = loaders[name]()
+                model.components[name] = obj
                 if isinstance(obj, nn.Module):
                     logger.info("loaded %s/%s into host memory (%.2f GiB)", model.name, name, tensor_bytes(obj) / 2**30)
             return model.components[name]
@@ -123,16 +123,51 @@ class OffloadManager:
     def image_processor(self, model: LoadedWan) -> Any:
         return self._component(model, "image_processor")
 
+    # ------------------------------------------------------------ configuration
+
+    def effective_config(self, model: LoadedWan, config: OffloadConfig) -> OffloadConfig:
+        """``config`` itself, or with ``auto_offload`` the options of the level this model has reached."""
+        if not config.auto_offload:
+            return config
+        effective = config_at_level(config, model.auto_level)
+        self._log_once(f"{model.name}: auto offload uses {describe(levels_for(config)[model.auto_level])}")
+        return effective
+
+    def escalate(self, model: LoadedWan, config: OffloadConfig, error: OffloadOutOfMemoryError) -> bool:
+        """After an OOM in auto mode: move to the next level of the recommended order. False when none is left."""
+        levels = levels_for(config)
+        if not config.auto_offload or model.auto_level + 1 >= len(levels):
+            return False
+        model.auto_level += 1
+        logger.warning(
+            "auto offload: out of memory during %s; now using %s and retrying",
+            error.stage,
+            describe(levels[model.auto_level]),
+        )
+        self.release(model)
+        return True
+
     # ---------------------------------------------------------------- placement
 
     def _placer(self, model: LoadedWan, name: str, pin: bool) -> ModulePlacer:
-        placer = model.placers.get(name)
+        placers = model.resources.placers
+        placer = placers.get(name)
         if placer is None or placer.pin_requested != pin:
             if placer is not None:
                 placer.close()
             placer = ModulePlacer(f"{model.name}/{name}", self._component(model, name), pin=pin)
-            model.placers[name] = placer
+            placers[name] = placer
         return placer
+
+    def _place(self, model: LoadedWan, name: str, placer: ModulePlacer, keep: bool) -> None:
+        if placer.device_buffer is not None:
+            return
+        self._reserve(placer.nbytes)
+        placer.to_device(self.device)
+        logger.info(
+            "%s/%s: %.2f GiB on %s (%s)", model.name, name, placer.nbytes / 2**30, self.device,
+            "kept resident" if keep else "released after use",
+        )
 
     @contextlib.contextmanager
     def encoder_in_use(
@@ -141,30 +176,95 @@ class OffloadManager:
         """Yield a text/image encoder or VAE ready to run, and the device it runs on.
 
         ``text_encoder`` with cpu offload computes on the CPU (FastVideo's meaning). The image encoder and VAE with
-        cpu offload are copied to the device for the call and the copy is dropped after. Without offload the
-        module is placed on the device and stays there.
+        cpu offload are copied to the device for the call and the copy is dropped after - no copy back, the host
+        copy never changed. Without offload the module is placed on the device and stays there.
         """
         module = self._component(model, name)
         if name == "text_encoder" and cpu_offload:
             self._log_once(f"{model.name}/text_encoder: weights and compute on CPU (text_encoder_cpu_offload)")
-            placer = model.placers.get(name)
+            placer = model.resources.placers.get(name)
             if placer is not None:
                 placer.to_host()
             yield module, torch.device("cpu")
             return
-        placer = self._placer(model, name, pin=config.pin_cpu_memory)
-        with self._stage(f"{name} on {self.device}", config):
-            if placer.device_buffer is None:
-                logger.info(
-                    "%s/%s: %.2f GiB copied to %s (%s)", model.name, name, placer.nbytes / 2**30, self.device,
-                    "released after use" if cpu_offload else "kept resident",
-                )
-            placer.to_device(self.device)
+        with self._lock, oom_guard(f"{name} on {self.device}", config, self.device):
+            placer = self._placer(model, name, pin=config.pin_cpu_memory)
+            self._place(model, name, placer, keep=not cpu_offload)
             try:
                 yield module, self.device
             finally:
                 if cpu_offload:
                     placer.to_host()
+
+    @contextlib.contextmanager
+    def dit_in_use(self, model: LoadedWan, config: OffloadConfig) -> Iterator[nn.Module]:
+        """Yield the DiT placed for sampling: streamed layer by layer, or resident on the device."""
+        if config.dit_cpu_offload and not config.use_fsdp_inference:
+            self._log_once(
+                "dit_cpu_offload=True has no effect without use_fsdp_inference; "
+                "on one GPU the DiT's placement is chosen by dit_layerwise_offload"
+            )
+        with self._lock, oom_guard("DiT sampling", config, self.device):
+            if config.dit_layerwise_offload:
+                transformer = self._place_dit_layerwise(model, config)
+            else:
+                model.resources.drop_layerwise()
+                transformer = self._component(model, "transformer")
+                self._place(model, "transformer", self._placer(model, "transformer", config.pin_cpu_memory), keep=True)
+            yield transformer
+
+    def _place_dit_layerwise(self, model: LoadedWan, config: OffloadConfig) -> nn.Module:
+        from .layerwise import LayerwiseOffloader
+
+        resources = model.resources
+        key = (config.pin_cpu_memory, config.prefetch_depth, config.resident_blocks)
+        if resources.dit_offloader is not None and resources.dit_offloader_key == key:
+            return model.components["transformer"]
+        resources.drop_layerwise()
+        placer = resources.placers.pop("transformer", None)
+        if placer is not None:
+            placer.close()
+        options = dict(
+            pin_cpu_memory=config.pin_cpu_memory,
+            prefetch_depth=config.prefetch_depth,
+            resident_blocks=config.resident_blocks,
+        )
+        if "transformer" in model.components:
+            transformer = model.components["transformer"]
+            offloader = LayerwiseOffloader(transformer, transformer.blocks, self.device, **options)
+        else:
+            # Straight from safetensors into the pinned host arena: the DiT is never whole in memory twice.
+            offloader = LayerwiseOffloader.from_pretrained(
+                model.folder.component("transformer"), self.device, dtype=model.dit_dtype, **options
+            )
+            model.components["transformer"] = offloader.model
+        resources.dit_offloader, resources.dit_offloader_key = offloader, key
+        stats = offloader.stats()
+        logger.info(
+            "%s/transformer: layerwise, %d of %d blocks stream from %s host memory (%.2f GiB), %d resident, "
+            "prefetch depth %d",
+            model.name, stats.streamed_blocks, stats.num_blocks, "pinned" if stats.pinned_bytes else "pageable",
+            stats.host_bytes / 2**30, stats.resident_blocks, stats.prefetch_depth,
+        )
+        return offloader.model
+
+    # ------------------------------------------------------------- distributed
+
+    def worker_group(self, model: LoadedWan, config: OffloadConfig) -> Any:
+        """The FSDP worker group for this model and options: reused while they are unchanged, else restarted."""
+        from .distributed.launcher import WorkerGroup
+
+        resources = model.resources
+        key = WorkerGroup.key_for(model, config)
+        with self._lock:
+            if resources.worker_group is not None and (resources.worker_group_key != key or not resources.worker_group.alive):
+                resources.stop_workers()
+            if resources.worker_group is None:
+                resources.worker_group = WorkerGroup.start(model, config)
+                resources.worker_group_key = key
+            return resources.worker_group
+
+    # ---------------------------------------------------------------- prompts
 
     def text_compute_device(self, config: OffloadConfig) -> torch.device:
         return torch.device("cpu") if config.text_encoder_cpu_offload else self.device
@@ -186,124 +286,70 @@ class OffloadManager:
             while len(model.prompt_cache) > PROMPT_CACHE_SIZE:
                 model.prompt_cache.pop(next(iter(model.prompt_cache)))
 
-    @contextlib.contextmanager
-    def dit_in_use(self, model: LoadedWan, config: OffloadConfig) -> Iterator[nn.Module]:
-        """Yield the DiT placed for sampling: streamed layer by layer, or resident on the device."""
-        transformer = self._component(model, "transformer")
-        if config.dit_cpu_offload and not config.use_fsdp_inference:
-            self._log_once(
-                "dit_cpu_offload=True has no effect without use_fsdp_inference; "
-                "on one GPU the DiT's placement is chosen by dit_layerwise_offload"
-            )
-        with self._stage("DiT sampling", config):
-            if config.dit_layerwise_offload:
-                self._place_dit_layerwise(model, transformer, config)
-            else:
-                self._drop_layerwise(model)
-                placer = self._placer(model, "transformer", pin=config.pin_cpu_memory)
-                if placer.device_buffer is None:
-                    logger.info("%s/transformer: resident on %s (%.2f GiB)", model.name, self.device, placer.nbytes / 2**30)
-                placer.to_device(self.device)
-            yield transformer
+    # ---------------------------------------------------------------- memory
 
-    def _place_dit_layerwise(self, model: LoadedWan, transformer: nn.Module, config: OffloadConfig) -> None:
-        from .layerwise import LayerwiseOffloader
+    def models(self) -> list[LoadedWan]:
+        with self._lock:
+            return list(self._models.values())
 
-        key = (config.pin_cpu_memory, config.prefetch_depth, config.resident_blocks)
-        if model.dit_offloader is not None and model.dit_offloader_key == key:
-            return
-        self._drop_layerwise(model)
-        placer = model.placers.pop("transformer", None)
-        if placer is not None:
-            placer.close()
-        model.dit_offloader = LayerwiseOffloader(
-            transformer,
-            transformer.blocks,
-            self.device,
-            pin_cpu_memory=config.pin_cpu_memory,
-            prefetch_depth=config.prefetch_depth,
-            resident_blocks=config.resident_blocks,
-        )
-        model.dit_offloader_key = key
+    def device_bytes(self) -> int:
+        """Bytes of weights this manager holds on the device now (all models)."""
+        total = 0
+        for model in self.models():
+            resources = model.resources
+            total += sum(p.nbytes for p in resources.placers.values() if p.device_buffer is not None)
+            if resources.dit_offloader is not None:
+                stats = resources.dit_offloader.stats()
+                total += stats.slot_bytes + stats.resident_bytes + stats.non_block_bytes
+        return total
 
-    def _drop_layerwise(self, model: LoadedWan) -> None:
-        if model.dit_offloader is not None:
-            model.dit_offloader.detach()
-            model.dit_offloader = None
-            model.dit_offloader_key = None
+    def _reserve(self, nbytes: int) -> None:
+        """Check the budget and let the host make room before ``nbytes`` more are placed on the device."""
+        if self.memory_budget is not None:
+            used = self.device_bytes()
+            if used + nbytes > self.memory_budget:
+                raise BudgetExceeded(
+                    f"placing {nbytes} bytes would exceed the budget of {self.memory_budget}",
+                    max(self.memory_budget - used, 0),
+                    self.memory_budget,
+                )
+        if self.make_room is not None and nbytes > 0 and self.device.type == "cuda":
+            self.make_room(nbytes, self.device)
 
     # ---------------------------------------------------------------- reporting
 
     def report(self) -> list[PlacementRecord]:
-        """Where every loaded component is now."""
+        """Where every loaded component of every live model is now."""
         records = []
-        with self._lock:
-            for model in self._models.values():
-                for name, obj in model.components.items():
-                    if not isinstance(obj, nn.Module):
-                        continue
-                    placer = model.placers.get(name)
-                    if name == "transformer" and model.dit_offloader is not None:
-                        placement = Placement.LAYERWISE
-                    elif placer is not None:
-                        placement = placer.placement
-                    else:
-                        placement = Placement.HOST_PAGEABLE
-                    device = str(self.device) if placement in (Placement.GPU, Placement.LAYERWISE) else "cpu"
-                    records.append(PlacementRecord(model.name, name, tensor_bytes(obj), placement, device))
+        for model in self.models():
+            resources = model.resources
+            for name, obj in list(model.components.items()):
+                if not isinstance(obj, nn.Module):
+                    continue
+                placer = resources.placers.get(name)
+                if name == "transformer" and resources.dit_offloader is not None:
+                    placement = Placement.LAYERWISE
+                elif placer is not None:
+                    placement = placer.placement
+                else:
+                    placement = Placement.HOST_PAGEABLE
+                device = str(self.device) if placement in (Placement.GPU, Placement.LAYERWISE) else "cpu"
+                records.append(PlacementRecord(model.name, name, tensor_bytes(obj), placement, device))
         return records
 
     def release(self, model: LoadedWan) -> None:
-        """Drop every device copy of ``model`` and unpin its host memory; the host copy stays loaded."""
+        """Drop every device copy of ``model``, unpin its host memory, stop its workers; host weights stay."""
         with self._lock:
-            self._drop_layerwise(model)
-            for placer in model.placers.values():
-                placer.close()
-            model.placers.clear()
-        self._empty_cache()
+            model.release()
 
-    def unload_all(self) -> None:
-        """Release everything and forget every model (host memory is freed once nothing else refers to it)."""
-        with self._lock:
-            for model in self._models.values():
-                self.release(model)
-            self._models.clear()
-        self._empty_cache()
+    def release_all(self) -> None:
+        """``release`` every live model (what ComfyUI's "free memory" should mean for this pack)."""
+        for model in self.models():
+            self.release(model)
 
     # ------------------------------------------------------------------ helpers
 
-    def _empty_cache(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     def _log_once(self, message: str) -> None:
-        if message not in self._logged_no_effect:
-            self._logged_no_effect.add(message)
+        if message not in self._logged:
+            self._logged.add(message)
             logger.info(message)
-
-    @contextlib.contextmanager
-    def _stage(self, stage: str, config: OffloadConfig) -> Iterator[None]:
-        """Turn a CUDA out-of-memory error into one that names the stage, the free memory and the next option."""
-        try:
-            yield
-        except torch.OutOfMemoryError as e:
-            self._empty_cache()
-            free = total = None
-            if self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-            raise OffloadOutOfMemoryError(stage, free, total, oom_advice(config)) from e
-
-
-def oom_advice(config: OffloadConfig) -> str:
-    """The seed's recommended next step for this configuration."""
-    option = config.next_option_to_enable()
-    if option is None:
-        return (
-            "Every offload option is already on. Fix: lower num_frames or the resolution, or use more GPUs "
-            "(num_gpus with use_fsdp_inference)."
-        )
-    if option == "use_fsdp_inference":
-        return "Fix: enable use_fsdp_inference (with dit_layerwise_offload=False) to shard the DiT over the GPUs."
-    if option in ("image_encoder_cpu_offload", "vae_cpu_offload"):
-        return "Fix: enable image_encoder_cpu_offload and vae_cpu_offload (the next step of the recommended order)."
-    return f"Fix: enable {option} (the next step of the recommended order)."

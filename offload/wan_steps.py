@@ -13,13 +13,23 @@ from typing import Any
 import torch
 
 from .config import OffloadConfig, SamplingParams, validate_prompt
-from .errors import ConfigError
+from .errors import ConfigError, OffloadOutOfMemoryError
 from .loading import make_scheduler
 from .manager import LoadedWan, OffloadManager
 from .sampling import Conditioning, DiTNoisePredictor, StepObserver, denoise, initial_noise
 from .text_encoding import encode_prompt
 
 logger = logging.getLogger(__name__)
+
+
+def _with_auto_offload(manager: OffloadManager, model: LoadedWan, config: OffloadConfig, stage):
+    """Run ``stage(effective_config)``; with ``auto_offload``, step along the recommended order on each OOM."""
+    while True:
+        try:
+            return stage(manager.effective_config(model, config))
+        except OffloadOutOfMemoryError as error:
+            if not manager.escalate(model, config, error):
+                raise
 
 
 def encode_prompts(
@@ -38,6 +48,12 @@ def encode_prompts(
     validate_prompt("prompt", prompt)
     validate_prompt("negative_prompt", negative_prompt, allow_empty=True)
     pil_image = _check_image_for_model(model, image)
+    return _with_auto_offload(
+        manager, model, config, lambda c: _encode(manager, model, c, prompt, negative_prompt, pil_image)
+    )
+
+
+def _encode(manager, model, config, prompt, negative_prompt, pil_image) -> Conditioning:
     embeds = []
     for text in (prompt, negative_prompt):
         cached = manager.cached_prompt(model, config, text)
@@ -107,6 +123,12 @@ def sample_latents(
             "conditioning", "text only", f"{model.name} is an image-to-video model",
             "encode the prompt with a start image connected",
         )
+    return _with_auto_offload(
+        manager, model, config, lambda c: _sample(manager, model, c, conditioning, params, observer)
+    )
+
+
+def _sample(manager, model, config, conditioning, params, observer) -> torch.Tensor:
     scheduler_class, scheduler_config = manager.scheduler_config(model)
     scheduler = make_scheduler(scheduler_class, scheduler_config, params.flow_shift)
     z_dim = int(model.folder.read_config("vae").get("z_dim", 16))
@@ -133,5 +155,9 @@ def decode_video(manager: OffloadManager, model: LoadedWan, config: OffloadConfi
         raise ConfigError(
             "latents", shape, "must be a 5-D video latent [1, 16, T, H/8, W/8]", "connect the Sample node's LATENT"
         )
-    with manager.encoder_in_use(model, "vae", config.vae_cpu_offload, config) as (vae, device):
-        return decode_latents(vae, latents, device)
+
+    def decode(config: OffloadConfig) -> torch.Tensor:
+        with manager.encoder_in_use(model, "vae", config.vae_cpu_offload, config) as (vae, device):
+            return decode_latents(vae, latents, device)
+
+    return _with_auto_offload(manager, model, config, decode)

@@ -1,0 +1,62 @@
+"""Out-of-memory handling: turn a bare CUDA OOM into advice along the seed's recommended order.
+
+Also a device-memory budget: the manager refuses to place weights beyond it, through the same error path as a
+real OOM. That lets a user reserve VRAM for other programs, and lets CPU-only tests exercise OOM handling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from .config import OffloadConfig
+from .errors import OffloadOutOfMemoryError
+
+logger = logging.getLogger(__name__)
+
+
+class BudgetExceeded(torch.OutOfMemoryError):
+    """Placing these weights would exceed the manager's device-memory budget."""
+
+
+def oom_advice(config: OffloadConfig) -> str:
+    """The seed's recommended next step for this configuration."""
+    option = config.next_option_to_enable()
+    if option is None:
+        return (
+            "Every offload option is already on. Fix: lower num_frames or the resolution, or use more GPUs "
+            "(num_gpus with use_fsdp_inference)."
+        )
+    if option == "use_fsdp_inference":
+        return "Fix: enable use_fsdp_inference (with dit_layerwise_offload=False) to shard the DiT over the GPUs."
+    if option in ("image_encoder_cpu_offload", "vae_cpu_offload"):
+        return "Fix: enable image_encoder_cpu_offload and vae_cpu_offload (the next step of the recommended order)."
+    if option == "dit_layerwise_offload":
+        return "Fix: enable dit_layerwise_offload (the first step of the recommended order on one GPU)."
+    return f"Fix: enable {option} (the next step of the recommended order)."
+
+
+def device_memory(device: torch.device) -> tuple[int | None, int | None]:
+    """(free, total) bytes of a CUDA device; (None, None) elsewhere."""
+    if device.type != "cuda":
+        return None, None
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
+
+
+@contextlib.contextmanager
+def oom_guard(stage: str, config: OffloadConfig, device: torch.device) -> Iterator[None]:
+    """Run a stage; on out-of-memory free the allocator's cache and raise ``OffloadOutOfMemoryError``."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        free, total = device_memory(device)
+        if isinstance(e, BudgetExceeded):
+            free, total = e.args[1], e.args[2]
+        logger.warning("out of memory during %s", stage)
+        raise OffloadOutOfMemoryError(stage, free, total, oom_advice(config)) from e
