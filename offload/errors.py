@@ -42,8 +42,15 @@ class OffloadOutOfMemoryError(VideoOffloadError):
         if free_bytes is None or total_bytes is None:
             where = "device memory"
         else:
-            where = f"{free_bytes / 2**30:.2f} GiB free of {total_bytes / 2**30:.2f} GiB"
+            where = f"{format_bytes(free_bytes)} free of {format_bytes(total_bytes)}"
         super().__init__(f"Out of memory during {stage} ({where}). {advice}")
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
 
 
 class WorkerError(VideoOffloadError):

@@ -239,6 +239,11 @@ class OffloadManager:
             )
             model.components["transformer"] = offloader.model
         resources.dit_offloader, resources.dit_offloader_key = offloader, key
+        try:
+            self._reserve(0)  # the offloader's slots and non-block weights now count against the budget
+        except BudgetExceeded:
+            resources.drop_layerwise()
+            raise
         stats = offloader.stats()
         logger.info(
             "%s/transformer: layerwise, %d of %d blocks stream from %s host memory (%.2f GiB), %d resident, "
