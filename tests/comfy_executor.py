@@ -22,13 +22,40 @@ class WorkflowValidationError(Exception):
     pass
 
 
-def make_folder_paths(models_dir: Path, output_dir: Path) -> types.ModuleType:
+def make_folder_paths(models_dir: Path, output_dir: Path, input_dir: Path | None = None) -> types.ModuleType:
     """A ``folder_paths`` module with ComfyUI's functions the pack uses, rooted at test folders."""
     module = types.ModuleType("folder_paths")
     module.folder_names_and_paths = {"diffusers": ([str(models_dir)], {"folder"})}
     module.get_folder_paths = lambda name: list(module.folder_names_and_paths[name][0])
     module.get_output_directory = lambda: str(output_dir)
+    module.get_input_directory = lambda: str(input_dir or output_dir)
     return module
+
+
+def core_nodes(input_dir: Path) -> dict:
+    """Stand-ins for the ComfyUI built-in nodes the shipped workflows use, with ComfyUI's inputs and outputs."""
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    class LoadImage:
+        """ComfyUI's ``LoadImage``: a file from the input folder -> IMAGE [1, H, W, 3] in 0..1 and a MASK."""
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            files = sorted(p.name for p in input_dir.iterdir() if p.is_file())
+            return {"required": {"image": (files, {"image_upload": True})}}
+
+        RETURN_TYPES = ("IMAGE", "MASK")
+        FUNCTION = "load_image"
+
+        def load_image(self, image):
+            with PIL.Image.open(input_dir / image) as opened:
+                pixels = np.array(opened.convert("RGB")).astype(np.float32) / 255.0
+            tensor = torch.from_numpy(pixels)[None]
+            return tensor, torch.zeros(tensor.shape[1:3])
+
+    return {"LoadImage": LoadImage}
 
 
 def comfy_module_name(folder: Path) -> str:

@@ -14,6 +14,7 @@ from comfy_executor import (
     REPO_ROOT,
     WorkflowValidationError,
     comfy_module_name,
+    core_nodes,
     execute,
     load_pack,
     make_folder_paths,
@@ -68,19 +69,24 @@ class FakeComfy:
 
 
 @pytest.fixture(scope="module")
-def comfy_env(tiny_t2v, tmp_path_factory):
-    """The pack loaded from its folder under a ComfyUI-style name, with models and output folders of its own."""
+def comfy_env(tiny_t2v, tiny_i2v, start_image, tmp_path_factory):
+    """The pack loaded from its folder under a ComfyUI-style name, with models, input and output folders of its
+    own. Each model a workflow names is a tiny model of the same kind (I2V names get the tiny I2V model)."""
     root = tmp_path_factory.mktemp("comfyui")
-    models, output = root / "models" / "diffusers", root / "output"
+    models, output, inputs = root / "models" / "diffusers", root / "output", root / "input"
+    inputs.mkdir(parents=True)
+    start_image.save(inputs / "start_frame.png")
     for api_file in API_FILES:
         for node in json.loads(api_file.read_text()).values():
             if node["class_type"] == "VideoOffloadLoadModel":
-                target = models / node["inputs"]["model_name"]
+                name = node["inputs"]["model_name"]
+                target = models / name
                 if not target.exists():
-                    shutil.copytree(tiny_t2v, target)
+                    shutil.copytree(tiny_i2v if "I2V" in name else tiny_t2v, target)
     fake = FakeComfy()
-    pack = load_pack(REPO_ROOT, make_folder_paths(models, output), fake.modules())
-    return types.SimpleNamespace(pack=pack, models=models, output=output, fake=fake)
+    pack = load_pack(REPO_ROOT, make_folder_paths(models, output, inputs), fake.modules())
+    mappings = {**core_nodes(inputs), **pack.NODE_CLASS_MAPPINGS}
+    return types.SimpleNamespace(pack=pack, mappings=mappings, models=models, output=output, inputs=inputs, fake=fake)
 
 
 def small(prompt: dict) -> dict:
@@ -99,8 +105,11 @@ def widget_names(cls) -> list[str]:
     for name, spec in cls.INPUT_TYPES()["required"].items():
         if isinstance(spec[0], list) or spec[0] in WIDGET_KINDS:
             names.append(name)
-            if len(spec) > 1 and spec[1].get("control_after_generate"):
+            options = spec[1] if len(spec) > 1 else {}
+            if options.get("control_after_generate") or (spec[0] == "INT" and name in ("seed", "noise_seed")):
                 names.append(f"{name}:control_after_generate")
+            if options.get("image_upload"):
+                names.append(f"{name}:upload")
     return names
 
 
@@ -114,7 +123,7 @@ def ui_to_api(ui: dict, mappings: dict) -> dict:
         values = iter(node["widgets_values"])
         for name in widget_names(cls):
             value = next(values)
-            if not name.endswith(":control_after_generate"):
+            if ":" not in name:  # control and upload widgets are not serialised into the API prompt
                 inputs[name] = value
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:
@@ -130,7 +139,7 @@ def test_there_are_workflows():
 
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.name)
 def test_ui_workflow_nodes_exist_with_the_right_widgets(comfy_env, ui_file):
-    mappings = comfy_env.pack.NODE_CLASS_MAPPINGS
+    mappings = comfy_env.mappings
     ui = json.loads(ui_file.read_text())
     for node in ui["nodes"]:
         assert node["type"] in mappings, f"{ui_file.name}: unknown node type {node['type']}"
@@ -143,30 +152,32 @@ def test_ui_and_api_workflows_are_the_same_graph(comfy_env, ui_file):
     api_file = ui_file.with_name(ui_file.stem + "_api.json")
     assert api_file.is_file(), f"{ui_file.name} has no API-format twin"
     api = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in json.loads(api_file.read_text()).items()}
-    assert ui_to_api(json.loads(ui_file.read_text()), comfy_env.pack.NODE_CLASS_MAPPINGS) == api
+    assert ui_to_api(json.loads(ui_file.read_text()), comfy_env.mappings) == api
 
 
 @pytest.mark.parametrize("api_file", API_FILES, ids=lambda p: p.name)
-def test_api_workflow_runs_and_matches_diffusers(comfy_env, api_file, diffusers_t2v_reference):
+def test_api_workflow_runs_and_matches_diffusers(
+    comfy_env, api_file, diffusers_t2v_reference, diffusers_i2v_reference, start_image
+):
     prompt = small(json.loads(api_file.read_text()))
     comfy_env.fake.progress.clear()
-    results = execute(prompt, comfy_env.pack.NODE_CLASS_MAPPINGS)
+    results = execute(prompt, comfy_env.mappings)
     decode_id = next(k for k, v in prompt.items() if v["class_type"] == "VideoOffloadDecodeVAE")
     frames = results[decode_id][0]
     assert isinstance(frames, torch.Tensor) and frames.dtype == torch.float32
     encode = next(v for v in prompt.values() if v["class_type"] == "VideoOffloadEncodePrompt")["inputs"]
     sample = next(v for v in prompt.values() if v["class_type"] == "VideoOffloadSample")["inputs"]
-    reference = diffusers_t2v_reference(
-        encode["prompt"],
-        encode["negative_prompt"],
-        sample["seed"],
-        flow_shift=sample["flow_shift"],
-        guidance_scale=sample["cfg"],
-        height=sample["height"],
-        width=sample["width"],
-        num_frames=sample["num_frames"],
-        num_inference_steps=sample["steps"],
+    sizes = dict(
+        height=sample["height"], width=sample["width"], num_frames=sample["num_frames"],
+        num_inference_steps=sample["steps"], guidance_scale=sample["cfg"],
     )
+    if "image" in encode:
+        assert sample["flow_shift"] == 3.0  # the tiny I2V folder's own shift, which diffusers uses
+        reference = diffusers_i2v_reference(start_image, encode["prompt"], encode["negative_prompt"], sample["seed"], **sizes)
+    else:
+        reference = diffusers_t2v_reference(
+            encode["prompt"], encode["negative_prompt"], sample["seed"], flow_shift=sample["flow_shift"], **sizes
+        )
     assert np.abs(frames.numpy() - reference).max() <= 1e-4
     assert comfy_env.fake.progress[-1] == (SMALL["steps"], SMALL["steps"])
     saved = [p for p in comfy_env.output.rglob("*.mp4")]
@@ -179,9 +190,9 @@ def test_interrupt_stops_between_steps_and_the_next_run_works(comfy_env):
     comfy_env.fake.interrupt_at_call = 2  # before the second denoising step
     comfy_env.fake.progress.clear()
     with pytest.raises(comfy_env.fake.Interrupt):
-        execute(prompt, comfy_env.pack.NODE_CLASS_MAPPINGS)
+        execute(prompt, comfy_env.mappings)
     assert comfy_env.fake.progress == [(1, SMALL["steps"])]
-    results = execute(prompt, comfy_env.pack.NODE_CLASS_MAPPINGS)
+    results = execute(prompt, comfy_env.mappings)
     assert any(isinstance(r, tuple) and r and isinstance(r[0], torch.Tensor) for r in results.values())
 
 
@@ -199,12 +210,12 @@ def test_executor_rejects_what_comfyui_rejects(comfy_env, node_class, field, val
     prompt = small(json.loads(API_FILES[0].read_text()))
     next(v for v in prompt.values() if v["class_type"] == node_class)["inputs"][field] = value
     with pytest.raises(WorkflowValidationError, match=message):
-        validate(prompt, comfy_env.pack.NODE_CLASS_MAPPINGS)
+        validate(prompt, comfy_env.mappings)
 
 
 def test_model_names_cannot_escape_the_model_folders(comfy_env, tmp_path):
     ModelLoadError = comfy_env.pack.offload.ModelLoadError  # the class as the ComfyUI-loaded copy defines it
-    load = comfy_env.pack.NODE_CLASS_MAPPINGS["VideoOffloadLoadModel"]()
+    load = comfy_env.mappings["VideoOffloadLoadModel"]()
     for name in ("../secrets", str(tmp_path), "/etc"):
         with pytest.raises(ModelLoadError, match="outside ComfyUI's diffusers model folders"):
             load.load(name, "auto", "float32")
