@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from ..offload.config import SamplingParams
+from ..offload.errors import ConfigError
 from ..offload.wan_steps import encode_prompts, sample_latents
 from ._host import NodeStepObserver
 from .handles import CONDITIONING_TYPE, MODEL_TYPE, ModelHandle
 
 CATEGORY = "Video Offload"
+WIDGET_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg"}
+"""Engine field -> Sample widget, so an error names the box the user typed into."""
 
 
 class EncodePrompt:
@@ -70,9 +73,12 @@ class Sample:
     CATEGORY = CATEGORY
 
     def sample(self, model: ModelHandle, conditioning, width, height, num_frames, steps, cfg, flow_shift, seed):
-        params = SamplingParams(
-            height=height, width=width, num_frames=num_frames, num_inference_steps=steps,
-            guidance_scale=cfg, flow_shift=flow_shift, seed=seed,
-        )
+        try:
+            params = SamplingParams(
+                height=height, width=width, num_frames=num_frames, num_inference_steps=steps,
+                guidance_scale=cfg, flow_shift=flow_shift, seed=seed,
+            )
+        except ConfigError as e:
+            raise e.renamed(WIDGET_NAMES.get(e.field, e.field)) from None
         latents = sample_latents(model.manager, model.model, model.config, conditioning, params, NodeStepObserver())
         return ({"samples": latents},)

@@ -1,12 +1,21 @@
 """The Video Offload engine. Never imports ComfyUI: usable as a plain library, from the CLI, and by the nodes."""
 
 from .config import OffloadConfig, SamplingParams
-from .errors import ConfigError, ModelLoadError, OffloadOutOfMemoryError, VideoOffloadError, WorkerError
+from .errors import (
+    ConfigError,
+    GenerationInterrupted,
+    ModelLoadError,
+    OffloadOutOfMemoryError,
+    VideoOffloadError,
+    VideoSaveError,
+    WorkerError,
+)
 from .generator import VideoGenerator
 from .manager import OffloadManager
 
 __all__ = [
     "ConfigError",
+    "GenerationInterrupted",
     "ModelLoadError",
     "OffloadConfig",
     "OffloadManager",
@@ -14,5 +23,6 @@ __all__ = [
     "SamplingParams",
     "VideoGenerator",
     "VideoOffloadError",
+    "VideoSaveError",
     "WorkerError",
 ]

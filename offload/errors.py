@@ -20,11 +20,24 @@ class ConfigError(VideoOffloadError, ValueError):
     def __init__(self, field: str, value: Any, problem: str, fix: str):
         self.field = field
         self.value = value
+        self.problem = problem
+        self.fix = fix
         super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
+
+    def renamed(self, field: str) -> ConfigError:
+        """The same error under the name the user sees (a node's widget name rather than the engine's)."""
+        return ConfigError(field, self.value, self.problem, self.fix)
 
 
 class ModelLoadError(VideoOffloadError):
     """A model folder is missing, incomplete, corrupt or in a format the pack refuses to load."""
+
+
+class VideoSaveError(VideoOffloadError):
+    """Writing the video failed (disk full, permissions). ``frames`` keeps the generated frames, so nothing is
+    lost: save them again elsewhere."""
+
+    frames = None
 
 
 class GenerationInterrupted(VideoOffloadError):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .config import OffloadConfig, SamplingParams
+from .errors import ConfigError, VideoSaveError
 from .loading import Precision
 from .manager import OffloadManager
 from .sampling import StepObserver
@@ -93,6 +94,8 @@ class VideoGenerator:
         ``image`` (image-to-video models) is the start frame: a PIL image, a file path or an ``[H, W, 3]`` array.
         Every parameter is checked before any weight is read.
         """
+        if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= 240:
+            raise ConfigError("fps", fps, "must be a whole number from 1 to 240", "use 16 (Wan's native rate)")
         params = SamplingParams(
             height=height,
             width=width,
@@ -109,7 +112,11 @@ class VideoGenerator:
         frames = decode_video(self.manager, self.model, self.config, latents).numpy()
         logger.info("generated %d frames in %.1f s", frames.shape[0], time.perf_counter() - started)
         if save_video:
-            path = save_mp4(frames, video_path(output_path, prompt, seed), fps=fps)
+            try:
+                path = save_mp4(frames, video_path(output_path, prompt, seed), fps=fps)
+            except VideoSaveError as e:
+                e.frames = frames  # the work is not lost: the caller can save these elsewhere
+                raise
             logger.info("saved %s", path)
         return frames
 
