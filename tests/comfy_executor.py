@@ -66,6 +66,10 @@ def comfy_module_name(folder: Path) -> str:
 def load_pack(folder: Path, folder_paths: types.ModuleType, extra_modules: dict | None = None):
     """Import the pack from ``folder`` as ComfyUI does, with the given host modules visible during import."""
     module_name = comfy_module_name(folder)
+    # ComfyUI imports a pack once per process; tests load it afresh, so drop an earlier load's submodules (they
+    # are bound to that load's host modules).
+    for name in [n for n in sys.modules if n == module_name or n.startswith(module_name + ".")]:
+        del sys.modules[name]
     injected = {"folder_paths": folder_paths, **(extra_modules or {})}
     saved = {name: sys.modules.get(name) for name in injected}
     sys.modules.update(injected)

@@ -1,0 +1,333 @@
+"""The torchrun entry point: one process per GPU, holding a shard of the Wan DiT, serving the pack's requests.
+
+Run by the launcher as ``python -m torch.distributed.run ... <this file>``. Every rank:
+
+1. makes itself die with torchrun (``PR_SET_PDEATHSIG``), and - on the parent's machine - connects to the
+   parent's link (the per-launch secret arrives in the environment), says hello and starts a heartbeat thread that
+   also exits the process as soon as the parent is gone;
+2. joins the process group (NCCL on GPUs, gloo on CPU) plus a gloo "control" group for small CPU messages;
+3. builds the DiT on meta, applies FSDP2 and the parallel plan, then reads only its own rows from the files;
+4. serves requests. Rank 0 receives them from the parent and broadcasts them on the control group, so ranks on
+   other machines (which have no link) follow too. Between steps rank 0 waits for the parent's continue/cancel and
+   broadcasts a one-integer flag, so all ranks stop at the same step boundary and none is left in a collective.
+
+Any exception is reported with its traceback over the link and the process exits non-zero; torchrun then stops
+the others and the parent turns it into a ``WorkerError``. While idle, rank 0 broadcasts a no-op every
+``KEEPALIVE_S`` seconds so the other ranks' waits never reach the control group's timeout.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:
+    # torchrun runs this file by path: ComfyUI loads the pack from a folder whose name need not be importable
+    # (custom_nodes/video-offload), and the pack need not be pip-installed. So register the pack's folder as a
+    # package under a private name and run this module from inside it, where relative imports work.
+    import importlib
+    import sys
+    import types
+    from pathlib import Path
+
+    _here = Path(__file__).resolve().parent
+    if sys.path and Path(sys.path[0] or ".").resolve() == _here:
+        sys.path.pop(0)  # the script's folder would shadow top-level modules with protocol.py, parallel.py, ...
+    # Synthetic packages, so neither the pack's __init__ (ComfyUI nodes) nor the engine's (the whole single-process
+    # engine) runs here: the worker imports only the modules it uses.
+    for _name, _path in (("_video_offload_worker_pack", _here.parents[1]), ("_video_offload_worker_pack.offload", _here.parent)):
+        _package = types.ModuleType(_name)
+        _package.__path__ = [str(_path)]
+        sys.modules[_name] = _package
+    sys.exit(importlib.import_module("_video_offload_worker_pack.offload.distributed.worker").main())
+
+import ctypes  # noqa: E402 - after the bootstrap above, which must run before any relative import
+import datetime  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from .protocol import ENV_ADDRESS, ENV_AUTHKEY, ENV_PARENT_PID, ENV_SPEC, Link, WorkerSpec, connect  # noqa: E402
+
+logger = logging.getLogger("video_offload.worker")
+
+KEEPALIVE_S = 60.0
+CONTROL_TIMEOUT = datetime.timedelta(minutes=30)
+"""Gloo timeout of the control group: covers loading a large model; idle waits are kept short by the keepalive."""
+
+
+class StepCancelled(Exception):
+    """All ranks agreed to stop before this step."""
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '?')}] %(levelname)s %(name)s: %(message)s")
+    _die_with_torchrun()
+    spec = WorkerSpec.from_json(os.environ[ENV_SPEC])
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    link = _connect_to_parent(rank, local_rank)
+    if link is None and rank == 0:
+        logger.error("rank 0 has no link to the pack's process (%s unset); nothing to serve", ENV_ADDRESS)
+        return 2
+    heartbeat = Heartbeat(link, spec.heartbeat_interval_s, os.environ.pop(ENV_PARENT_PID, None))
+    heartbeat.start()
+    try:
+        Worker(spec, rank, local_rank, link).serve()
+    except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process exits non-zero
+        _report(link, rank, e)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # skip interpreter teardown: other ranks may be stuck in collectives with this one
+    heartbeat.stop()
+    if link is not None:
+        link.close()
+    return 0
+
+
+def _die_with_torchrun() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the torchrun agent) dies, however it dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the agent died before prctl took effect
+        os._exit(1)
+
+
+def _connect_to_parent(rank: int, local_rank: int) -> Link | None:
+    address = os.environ.pop(ENV_ADDRESS, None)
+    key = os.environ.pop(ENV_AUTHKEY, None)  # out of os.environ: nothing this process starts inherits it
+    if not address or not key:
+        return None  # a rank on another machine (multi-node): it follows rank 0 through collectives only
+    link = connect(address, bytes.fromhex(key))
+    link.send({"op": "hello", "rank": rank, "local_rank": local_rank, "pid": os.getpid()})
+    return link
+
+
+class Heartbeat(threading.Thread):
+    """Tells the parent this process is alive, and ends the process when the parent is gone.
+
+    The second job is why it exists on every rank: a rank blocked in a collective (its peer died, or the parent
+    was SIGKILLed mid-step) cannot notice anything itself; this thread can, and ``os._exit`` works from any thread.
+    """
+
+    def __init__(self, link: Link | None, interval: float, parent_pid: str | None):
+        super().__init__(name="video-offload-heartbeat", daemon=True)
+        self.link = link
+        self.interval = interval
+        self.parent_pid = int(parent_pid) if parent_pid else None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            if self.parent_pid is not None and not _pid_alive(self.parent_pid):
+                os._exit(3)
+            if self.link is not None:
+                try:
+                    self.link.send({"op": "heartbeat"})
+                except (OSError, EOFError, ValueError):
+                    os._exit(3)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _report(link: Link | None, rank: int, error: BaseException) -> None:
+    text = "".join(traceback.format_exception(error))
+    print(f"[rank {rank}] failed:\n{text}", file=sys.stderr, flush=True)
+    if link is None:
+        return
+    message: dict[str, Any] = {"op": "error", "rank": rank, "kind": _kind(error), "traceback": text,
+                               "message": f"{type(error).__name__}: {error}"}
+    if message["kind"] == "oom" and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        message.update(free=int(free), total=int(total))
+    try:
+        link.send(message)
+    except (OSError, ValueError):
+        pass
+
+
+def _kind(error: BaseException) -> str:
+    if isinstance(error, torch.OutOfMemoryError):
+        return "oom"
+    text = str(error)
+    # A collective failing because a peer died is a consequence, not the cause: the parent prefers other reports.
+    if isinstance(error, getattr(dist, "DistError", ())) or any(
+        marker in text for marker in ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "NCCL")
+    ):
+        return "comm"
+    return "error"
+
+
+class Worker:
+    """One rank's model and request loop."""
+
+    def __init__(self, spec: WorkerSpec, rank: int, local_rank: int, link: Link | None):
+        self.spec = spec
+        self.rank = rank
+        self.local_rank = local_rank
+        self.link = link
+        self.device = torch.device("cpu")
+        self.control = None
+        self.model = None
+        self.parallelism = None
+        self.shutdown_requested = False
+        """Rank 0 read a shutdown where it expected a step reply; the loop ends after the step is cancelled."""
+
+    # ------------------------------------------------------------------ setup
+
+    def _init_process_group(self) -> None:
+        if self.spec.device == "cuda":
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl", device_id=self.device)
+        else:
+            dist.init_process_group("gloo")
+        self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+    def _load(self) -> dict[str, Any]:
+        from .parallel import ParallelPlan, parallelize_wan
+        from .shard_loading import build_meta_wan, local_weight_bytes, materialize_shards, unsharded_bytes
+
+        spec = self.spec
+        started = time.perf_counter()
+        plan = ParallelPlan.choose(dist.get_world_size(), spec.parallel)
+        model = build_meta_wan(Path(spec.transformer_path), spec.torch_dtype)
+        plan.check_model(int(model.config.num_attention_heads))
+        pin = spec.pin_cpu_memory and self.device.type == "cuda"  # pinning needs a CUDA driver
+        self.parallelism = parallelize_wan(model, plan, self.device, cpu_offload=spec.dit_cpu_offload, pin_memory=pin)
+        mesh = self.parallelism.fsdp_mesh
+        materialize_shards(model, Path(spec.transformer_path), self.device, mesh.get_local_rank(), mesh.size(),
+                           params_on_cpu=spec.dit_cpu_offload)
+        self.model = model.eval()
+        mine = {"weight_bytes": local_weight_bytes(model), "seconds": time.perf_counter() - started,
+                "device_bytes": torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0}
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine, group=self.control)
+        if self.rank == 0:
+            logger.info("DiT loaded in %.1f s: %s", mine["seconds"], plan.describe())
+        return {
+            "plan": plan.describe(),
+            "weight_bytes": [e["weight_bytes"] for e in everyone],
+            "device_bytes": [e["device_bytes"] for e in everyone],
+            "load_seconds": max(e["seconds"] for e in everyone),
+            "block_bytes": max(unsharded_bytes(block) for block in model.blocks),
+            "total_bytes": unsharded_bytes(model) + sum(b.numel() * b.element_size() for b in model.buffers()),
+        }
+
+    # ------------------------------------------------------------------ loop
+
+    def serve(self) -> None:
+        self._init_process_group()
+        ready = self._load()
+        if self.rank == 0:
+            self.link.send({"op": "ready", **ready})
+        while True:
+            request = self._next_request()
+            op = request["op"]
+            if op == "noop":
+                continue
+            if op == "shutdown":
+                break
+            if op == "sample":
+                self._sample(request)
+            else:
+                raise ValueError(f"unknown request {op!r}")
+        dist.destroy_process_group()
+
+    def _next_request(self) -> dict[str, Any]:
+        box: list[Any] = [None]
+        if self.rank == 0:
+            box[0] = {"op": "noop"}
+            if self.shutdown_requested:
+                box[0] = {"op": "shutdown"}
+            elif self.link.poll(KEEPALIVE_S):
+                try:
+                    box[0] = self.link.recv()
+                except EOFError:
+                    box[0] = {"op": "shutdown"}  # the parent is gone: take everyone down cleanly
+            if box[0]["op"] in ("continue", "cancel"):
+                box[0] = {"op": "noop"}  # a reply to a step that no longer runs
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def _sample(self, request: dict[str, Any]) -> None:
+        from ..config import SamplingParams
+        from ..loading import make_scheduler
+        from ..sampling import Conditioning, denoise
+        from .parallel import ParallelNoisePredictor
+
+        params = SamplingParams(**request["params"])
+        scheduler = make_scheduler(request["scheduler_class"], request["scheduler_config"], params.flow_shift)
+        conditioning = Conditioning(
+            prompt_embeds=request["prompt_embeds"],
+            negative_prompt_embeds=request.get("negative_prompt_embeds"),
+            image_embeds=request.get("image_embeds"),
+            image_condition=request.get("image_condition"),
+        )
+        noise = request["noise"]
+        predictor = ParallelNoisePredictor(self.model, conditioning, self.device, self.spec.torch_dtype, self.parallelism)
+        steps = Lockstep(self)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            latents = denoise(predictor, scheduler, params, noise, self.device, steps)
+        except StepCancelled as stop:
+            if self.rank == 0:
+                self.link.send({"op": "cancelled", "step": stop.args[0]})
+            return
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        peaks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, peak, group=self.control)
+        if self.rank == 0:
+            stats = {"step_seconds": steps.seconds, "peak_bytes": peaks}
+            self.link.send({"op": "result", "latents": latents, "stats": stats})
+
+
+class Lockstep:
+    """The denoising loop's observer inside the group: progress out, continue/cancel in, same decision everywhere."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.seconds: list[float] = []
+        self._started = time.perf_counter()
+
+    def before_step(self, index: int, total: int) -> None:
+        worker = self.worker
+        if index > 0:
+            go = 1
+            if worker.rank == 0:
+                reply = worker.link.recv()  # the parent's answer to the last progress message
+                go = 1 if reply["op"] == "continue" else 0
+                worker.shutdown_requested = reply["op"] == "shutdown"
+            flag = torch.tensor([go], dtype=torch.int32)
+            dist.broadcast(flag, src=0, group=worker.control)
+            if not int(flag.item()):
+                raise StepCancelled(index)
+        self._started = time.perf_counter()
+
+    def after_step(self, index: int, total: int) -> None:
+        worker = self.worker
+        if worker.device.type == "cuda":
+            torch.cuda.synchronize(worker.device)  # progress means the step's kernels are done, not just queued
+        self.seconds.append(time.perf_counter() - self._started)
+        if worker.rank == 0:
+            worker.link.send({"op": "progress", "step": index, "total": total, "seconds": self.seconds[-1]})

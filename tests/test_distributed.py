@@ -1,0 +1,385 @@
+"""Multi-GPU inference through the real torchrun launcher, on the CPU with gloo.
+
+Most tests here start real ``torchrun`` worker groups (two CPU processes each), so they are marked slow; groups are
+reused across tests the way ComfyUI reuses them (its output cache keeps the model, the model keeps its group).
+The workflow tests load the pack from a copy in a folder named like a ComfyUI install (``video-offload``, not an
+importable name), so the workers' bootstrap path is the one ComfyUI users get.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing.connection as mpc
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from comfy_executor import REPO_ROOT, execute, load_pack, make_folder_paths
+from test_workflows import FakeComfy
+
+pytestmark = pytest.mark.slow
+
+WORKFLOW = REPO_ROOT / "workflows" / "wan2.1_t2v_single_gpu_api.json"
+SIZES = {"width": 96, "height": 64, "num_frames": 9, "steps": 3}
+
+
+def _process_gone(pid: int) -> bool:
+    """Exited (a zombie waiting for its reaper counts: it runs nothing and holds no memory)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [pid for pid in pids if not _process_gone(pid)]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return [pid for pid in pids if not _process_gone(pid)]
+
+
+@pytest.fixture(scope="module")
+def comfy(tiny_t2v, tmp_path_factory):
+    """The pack as ComfyUI loads it, from ``custom_nodes/video-offload``, with the tiny model under the workflow's
+    model name. ``env.keep`` holds the last run's outputs, as ComfyUI's output cache does."""
+    root = tmp_path_factory.mktemp("comfyui-multi-gpu")
+    pack_dir = root / "custom_nodes" / "video-offload"
+    shutil.copytree(
+        REPO_ROOT, pack_dir,
+        ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "tests", "bench", "docs", ".ci"),
+    )
+    models, output = root / "models" / "diffusers", root / "output"
+    prompt = json.loads(WORKFLOW.read_text())
+    model_name = next(n for n in prompt.values() if n["class_type"] == "VideoOffloadLoadModel")["inputs"]["model_name"]
+    shutil.copytree(tiny_t2v, models / model_name)
+    fake = FakeComfy()
+    pack = load_pack(pack_dir, make_folder_paths(models, output), fake.modules())
+    env = types.SimpleNamespace(pack=pack, fake=fake, keep=None)
+    yield env
+    env.keep = None
+    pack.nodes._host.shared_manager().release_all()
+
+
+def workflow(num_gpus: int, dit_cpu_offload: bool = False) -> dict:
+    prompt = json.loads(WORKFLOW.read_text())
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "VideoOffloadSample":
+            inputs.update(SIZES)
+        elif node["class_type"] == "VideoOffloadLoadModel":
+            inputs["precision"] = "float32"
+        elif node["class_type"] == "VideoOffloadSettings":
+            inputs.update(
+                mode="manual", num_gpus=num_gpus, use_fsdp_inference=num_gpus > 1, dit_layerwise_offload=False,
+                dit_cpu_offload=dit_cpu_offload,
+            )
+    return prompt
+
+
+def run(env, prompt: dict) -> torch.Tensor:
+    with torch.inference_mode():  # as ComfyUI runs every node
+        results = execute(prompt, env.pack.NODE_CLASS_MAPPINGS)
+    env.keep = results  # ComfyUI's cache: keeps the model, hence its worker group, alive between runs
+    decode_id = next(k for k, v in prompt.items() if v["class_type"] == "VideoOffloadDecodeVAE")
+    return results[decode_id][0]
+
+
+def worker_group(env):
+    groups = [m.resources.worker_group for m in env.pack.nodes._host.shared_manager().models()]
+    groups = [g for g in groups if g is not None]
+    assert len(groups) == 1
+    return groups[0]
+
+
+@pytest.fixture(scope="module")
+def single_process_frames(comfy):
+    return run(comfy, workflow(num_gpus=1)).numpy()
+
+
+# ---------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("dit_cpu_offload", [False, True], ids=["fsdp", "fsdp+cpu_offload"])
+def test_two_rank_workflow_matches_single_process(comfy, single_process_frames, dit_cpu_offload):
+    comfy.fake.progress.clear()
+    frames = run(comfy, workflow(num_gpus=2, dit_cpu_offload=dit_cpu_offload)).numpy()
+    assert frames.shape == single_process_frames.shape
+    assert np.abs(frames - single_process_frames).max() <= 1e-5
+    steps = SIZES["steps"]
+    assert comfy.fake.progress == [(i, steps) for i in range(1, steps + 1)]  # the bar advanced once per step
+    group = worker_group(comfy)
+    assert group.spec.dit_cpu_offload is dit_cpu_offload  # the option change restarted the group
+    assert group.info["plan"] == "FSDP over 2 ranks; CFG split in 2"
+    weight_bytes, total = group.info["weight_bytes"], group.info["total_bytes"]
+    assert max(weight_bytes) <= total / 2 + group.info["block_bytes"]  # each rank holds about half of the DiT
+
+
+def test_group_is_reused_while_options_are_unchanged(comfy, single_process_frames):
+    run(comfy, workflow(num_gpus=2, dit_cpu_offload=True))
+    first = worker_group(comfy).torchrun_pid
+    frames = run(comfy, workflow(num_gpus=2, dit_cpu_offload=True)).numpy()
+    assert worker_group(comfy).torchrun_pid == first
+    assert np.abs(frames - single_process_frames).max() <= 1e-5
+
+
+def test_interrupt_stops_the_workers_between_steps_and_the_group_stays(comfy, single_process_frames):
+    prompt = workflow(num_gpus=2, dit_cpu_offload=True)
+    run(comfy, prompt)
+    group = worker_group(comfy)
+    comfy.fake.calls = 0
+    comfy.fake.interrupt_at_call = 2  # ComfyUI's Cancel, noticed before the second denoising step
+    comfy.fake.progress.clear()
+    with pytest.raises(comfy.fake.Interrupt):
+        execute(prompt, comfy.pack.NODE_CLASS_MAPPINGS)
+    assert comfy.fake.progress == [(1, SIZES["steps"])]  # the workers ran exactly one step
+    assert group.alive and worker_group(comfy) is group
+    frames = run(comfy, prompt).numpy()
+    assert worker_group(comfy).torchrun_pid == group.torchrun_pid
+    assert np.abs(frames - single_process_frames).max() <= 1e-5
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_a_rank_killed_mid_run_is_a_clear_error_and_the_next_run_starts_fresh(comfy, single_process_frames):
+    prompt = workflow(num_gpus=2, dit_cpu_offload=True)
+    run(comfy, prompt)
+    group = worker_group(comfy)
+    victim = group.pids[1]
+    killed_at = []
+
+    class KillRankOneAfterFirstStep:
+        def __init__(self, total, node_id=None):
+            pass
+
+        def update_absolute(self, value, total=None, preview=None):
+            if value == 1:
+                os.kill(victim, signal.SIGKILL)
+                killed_at.append(time.monotonic())
+
+    progress_bar = comfy.fake.utils.ProgressBar
+    comfy.fake.utils.ProgressBar = KillRankOneAfterFirstStep
+    try:
+        with pytest.raises(comfy.pack.offload.WorkerError, match=r"rank 1 \(pid \d+\) died during step 2 of 3") as error:
+            execute(prompt, comfy.pack.NODE_CLASS_MAPPINGS)
+    finally:
+        comfy.fake.utils.ProgressBar = progress_bar
+    assert time.monotonic() - killed_at[0] < 5.0
+    assert error.value.rank == 1
+    assert "next run starts a fresh one" in str(error.value)
+    assert not group.alive
+    assert _wait_gone([group.torchrun_pid, *group.pids.values()], 5.0) == []
+
+    frames = run(comfy, prompt).numpy()
+    fresh = worker_group(comfy)
+    assert fresh is not group and fresh.alive and fresh.torchrun_pid != group.torchrun_pid
+    assert np.abs(frames - single_process_frames).max() <= 1e-5
+
+
+def test_a_worker_exception_arrives_with_the_workers_traceback(comfy):
+    run(comfy, workflow(num_gpus=2, dit_cpu_offload=True))
+    group = worker_group(comfy)
+    offload = comfy.pack.offload
+    bad = offload.sampling.Conditioning(torch.zeros(1, 512, 7), torch.zeros(1, 512, 7))  # text_dim is 32
+    params = offload.SamplingParams(height=64, width=96, num_frames=9, num_inference_steps=2)
+    with pytest.raises(offload.WorkerError, match="failed during step 1 of 2: RuntimeError: mat1 and mat2") as error:
+        group.sample(bad, params, offload.sampling.initial_noise(params, 16))
+    assert error.value.remote_traceback and "transformer_wan.py" in error.value.remote_traceback
+    assert not group.alive
+
+
+def test_image_to_video_through_the_group_matches_single_process(tiny_i2v, start_image):
+    """I2V adds the image embedding (its own cross-attention keys) and the first-frame latents to every pass."""
+    from video_offload import VideoGenerator
+
+    sizes = dict(height=64, width=96, num_frames=9, num_inference_steps=2)
+    single = VideoGenerator.from_pretrained(tiny_i2v, precision="float32", dit_layerwise_offload=False)
+    expected = single.generate_video("a cat", negative_prompt="blurry", image=start_image, seed=4, save_video=False, **sizes)
+    multi = VideoGenerator.from_pretrained(
+        tiny_i2v, num_gpus=2, use_fsdp_inference=True, dit_layerwise_offload=False, dit_cpu_offload=False,
+        precision="float32",
+    )
+    try:
+        frames = multi.generate_video("a cat", negative_prompt="blurry", image=start_image, seed=4, save_video=False, **sizes)
+    finally:
+        multi.shutdown()
+    assert np.abs(frames - expected).max() <= 1e-5
+
+
+# ---------------------------------------------------------- launcher direct
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tiny_t2v):
+    """What a run needs besides the group: conditioning, params, noise and the single-process latents."""
+    from diffusers import WanTransformer3DModel
+
+    from video_offload.offload.config import OffloadConfig, SamplingParams
+    from video_offload.offload.loading import Precision, make_scheduler
+    from video_offload.offload.manager import OffloadManager
+    from video_offload.offload.sampling import DiTNoisePredictor, denoise, initial_noise
+    from video_offload.offload.wan_steps import encode_prompts
+
+    manager = OffloadManager("cpu")
+    model = manager.load(tiny_t2v, Precision(dit="float32"))
+    config = OffloadConfig(dit_layerwise_offload=False)
+    conditioning = encode_prompts(manager, model, config, "a raccoon in sunflowers", "blurry")
+    params = SamplingParams(height=64, width=96, num_frames=9, num_inference_steps=3, seed=7)
+    scheduler = (model.folder.classes["scheduler"], model.folder.read_config("scheduler"))
+    noise = initial_noise(params, 16)
+    # The bfloat16 reference: diffusers' from_pretrained(dtype=bfloat16) keeps _keep_in_fp32_modules in float32,
+    # so each sharded block mixes bf16 and fp32 parameters, as the real 14B does on GPUs.
+    transformer = WanTransformer3DModel.from_pretrained(str(tiny_t2v / "transformer"), dtype=torch.bfloat16).eval()
+    predictor = DiTNoisePredictor(transformer, conditioning, torch.device("cpu"), torch.bfloat16)
+    reference_bf16 = denoise(predictor, make_scheduler(*scheduler, params.flow_shift), params, noise, torch.device("cpu"))
+    return types.SimpleNamespace(
+        transformer=str(tiny_t2v / "transformer"), conditioning=conditioning, params=params, noise=noise,
+        reference_bf16=reference_bf16, scheduler=scheduler,
+    )
+
+
+def test_ulysses_in_bfloat16_matches_and_a_hung_rank_is_caught(tiny_parts):
+    from video_offload.offload.distributed.launcher import WorkerGroup
+    from video_offload.offload.distributed.protocol import WorkerSpec
+    from video_offload.offload.errors import ConfigError, WorkerError
+
+    spec = WorkerSpec(tiny_parts.transformer, "bfloat16", 2, parallel="ulysses", dit_cpu_offload=True, device="cpu",
+                      heartbeat_interval_s=0.5, heartbeat_timeout_s=3.0)
+    group = WorkerGroup.launch(spec, tiny_parts.scheduler)
+    try:
+        assert group.info["plan"] == "FSDP over 2 ranks; Ulysses sequence parallel over 2"
+        latents = group.sample(tiny_parts.conditioning, tiny_parts.params, tiny_parts.noise)
+        reference = tiny_parts.reference_bf16
+        assert (latents - reference).abs().max() <= 1e-3 * reference.abs().max()  # bf16; equal on CPU in practice
+        odd = type(tiny_parts.params)(height=48, width=80, num_frames=9, num_inference_steps=1)  # 3x3x5 tokens
+        with pytest.raises(ConfigError, match="45 video tokens, which do not split evenly over 2"):
+            group.sample(tiny_parts.conditioning, odd, torch.zeros(1, 16, 3, 6, 10))
+        assert group.alive  # refused before anything was sent
+
+        class StopRankOne:
+            def before_step(self, index, total):
+                if index == 1:
+                    os.kill(group.pids[1], signal.SIGSTOP)  # alive but frozen: only the heartbeat can tell
+
+            def after_step(self, index, total):
+                pass
+
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match=r"rank 1 \(pid \d+\) sent nothing for \d+ s during step 2 of 3"):
+            group.sample(tiny_parts.conditioning, tiny_parts.params, tiny_parts.noise, StopRankOne())
+        assert time.monotonic() - started < 3.0 + 4.0
+    finally:
+        group.shutdown()
+    assert _wait_gone([group.torchrun_pid, *group.pids.values()], 5.0) == []
+
+
+def test_sequence_split_must_divide_the_heads_before_anything_starts(tiny_parts):
+    from video_offload.offload.distributed.launcher import WorkerGroup
+    from video_offload.offload.distributed.protocol import WorkerSpec
+    from video_offload.offload.errors import ConfigError
+
+    spec = WorkerSpec(tiny_parts.transformer, "float32", 4, parallel="ulysses", device="cpu")
+    with pytest.raises(ConfigError, match="does not divide the model's 2 heads"):
+        WorkerGroup.launch(spec, tiny_parts.scheduler)
+
+
+def test_orderly_shutdown_and_a_killed_parent_leave_no_processes(tiny_parts, tmp_path):
+    parent = textwrap.dedent(f"""
+        import json, time
+        from video_offload.offload.distributed.launcher import WorkerGroup
+        from video_offload.offload.distributed.protocol import WorkerSpec
+        spec = WorkerSpec({tiny_parts.transformer!r}, "float32", 2, device="cpu")
+        group = WorkerGroup.launch(spec, {tiny_parts.scheduler!r})
+        print(json.dumps([group.torchrun_pid, *group.pids.values()]), flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(proc.stdout.readline())
+        assert len(pids) == 3 and not any(_process_gone(pid) for pid in pids)
+    finally:
+        proc.kill()  # SIGKILL: no atexit, no finalizer - the workers must notice on their own
+        proc.wait()
+    assert _wait_gone(pids, 8.0) == []
+
+
+# -------------------------------------------------------------------- link
+
+
+def test_the_link_is_loopback_only_and_refuses_a_wrong_key():
+    from video_offload.offload.distributed.protocol import LinkServer, connect
+
+    server = LinkServer()
+    try:
+        host, port = server.address.rsplit(":", 1)
+        assert host == "127.0.0.1"
+        with pytest.raises(mpc.AuthenticationError):
+            mpc.Client((host, int(port)), authkey=b"not the per-launch secret")
+        good = connect(server.address, server.authkey)
+        good.send({"op": "hello", "rank": 0, "pid": os.getpid(), "tensor": torch.arange(3)})
+        hello, link = server.take(timeout=5.0)
+        assert hello["rank"] == 0 and hello["tensor"].tolist() == [0, 1, 2]
+        assert server.take(timeout=0.2) is None  # the refused client never became a link
+        assert server.refused == 1
+        link.close()
+        good.close()
+    finally:
+        server.close()
+
+
+def test_the_secret_is_not_on_the_command_line(tiny_parts):
+    from video_offload.offload.distributed.launcher import torchrun_command
+    from video_offload.offload.distributed.protocol import WorkerSpec
+
+    command = " ".join(torchrun_command(WorkerSpec(tiny_parts.transformer, "float32", 2, device="cpu")))
+    assert "--standalone" in command and "--local-addr=127.0.0.1" in command
+    assert "KEY" not in command and "authkey" not in command.lower()
+
+
+# --------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "gpus, parallel, dit_cpu_offload",
+    [(2, "auto", False), (2, "ulysses", False), (2, "auto", True), (2, "none", False), (4, "auto", False)],
+)
+def test_nccl_group_matches_one_gpu(tiny_parts, gpus, parallel, dit_cpu_offload):
+    """The same paths on GPUs with NCCL, in bfloat16 (pinned host shards with CPU offload)."""
+    from diffusers import WanTransformer3DModel
+
+    from video_offload.offload.distributed.launcher import WorkerGroup
+    from video_offload.offload.distributed.protocol import WorkerSpec
+    from video_offload.offload.loading import make_scheduler
+    from video_offload.offload.sampling import DiTNoisePredictor, denoise
+
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} GPUs")
+    device = torch.device("cuda", 0)
+    model = WanTransformer3DModel.from_pretrained(tiny_parts.transformer, dtype=torch.bfloat16).to(device).eval()
+    predictor = DiTNoisePredictor(model, tiny_parts.conditioning, device, torch.bfloat16)
+    scheduler = make_scheduler(*tiny_parts.scheduler, tiny_parts.params.flow_shift)
+    reference = denoise(predictor, scheduler, tiny_parts.params, tiny_parts.noise, device)
+    del predictor, model
+    spec = WorkerSpec(tiny_parts.transformer, "bfloat16", gpus, parallel=parallel, dit_cpu_offload=dit_cpu_offload)
+    group = WorkerGroup.launch(spec, tiny_parts.scheduler)
+    try:
+        latents = group.sample(tiny_parts.conditioning, tiny_parts.params, tiny_parts.noise)
+        assert all(b > 0 for b in group.last_stats["peak_bytes"])
+    finally:
+        group.shutdown()
+    assert (latents - reference).abs().max() <= 2e-2 * reference.abs().max()
+    assert _wait_gone([group.torchrun_pid, *group.pids.values()], 10.0) == []
