@@ -52,3 +52,15 @@ def test_model_limits_are_checked_before_sampling(tiny_t2v):
     # The tiny model's rotary tables cover 32 positions per axis: 32 * 2 * 8 = 512 pixels.
     with pytest.raises(ConfigError, match=r"height=528: is larger than this model supports \(512\)"):
         generator.generate_video("a cat", height=528, width=64, num_frames=5, num_inference_steps=1, save_video=False)
+
+
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "resident"])
+def test_runs_under_inference_mode_as_comfyui_runs_nodes(tiny_t2v, diffusers_t2v_reference, layerwise):
+    """ComfyUI executes every node inside torch.inference_mode(); loading and sampling must work there."""
+    import torch
+
+    with torch.inference_mode():
+        generator = VideoGenerator.from_pretrained(tiny_t2v, dit_layerwise_offload=layerwise, precision="float32")
+        ours = generator.generate_video("a lion", negative_prompt="", seed=8, save_video=False, **SIZES)
+    reference = diffusers_t2v_reference("a lion", "", 8, **SIZES)
+    assert np.abs(ours - reference).max() <= 1e-4

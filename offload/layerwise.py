@@ -1,0 +1,780 @@
+"""Layerwise DiT offload: transformer blocks live in host memory and stream through the GPU one step ahead of compute.
+
+What it does, for any model whose blocks are an ``nn.ModuleList`` of identically shaped modules (Wan's ``blocks``):
+
+- Host side: every block's parameters and buffers are laid out in one flat, page-aligned ``HostArena`` (one
+  ``FlatLayout`` shared by all blocks), page-locked with ``pin_cpu_memory`` by registering that one buffer: exact
+  bytes, no power-of-two rounding. Between forwards the blocks' tensors are views into it, so the module is a valid
+  CPU module whenever no forward is running.
+- GPU side: ``prefetch_depth + 1`` fixed slots of one block each (``block_streams.BlockSlots``). Before a streamed
+  block runs, its tensors are pointed at the slot its bytes were copied into (``param.data = view``: parameter
+  identity is kept); after it runs they are pointed back at the host views and the slot is handed to the next copy.
+- Overlap: copies run on a dedicated stream, in streamed-block order with wrap-around, as soon as a slot is free:
+  the copy of block ``j + depth + 1`` starts when block ``j`` has finished reading its slot, and the last block of a
+  forward prefetches the first block of the next. Events order everything on the GPU; the host never waits.
+- Partial residency: ``resident_blocks=N`` keeps N blocks on the GPU for good, spread evenly so every streamed
+  block has compute in front of it to hide its copy behind. ``"auto"`` streams everything in the first forward
+  while measuring its activation peak, then keeps as many blocks as fit in free memory minus that peak minus a
+  margin; it measures again if a later forward has larger inputs.
+- Robustness: a block's post-hook runs even when the block raises (``always_call``), and every forward starts by
+  recovering from whatever an interrupted one left, so an exception or an interrupt anywhere leaves the model
+  consistent and the next forward correct.
+- Parameters and buffers outside the blocks are moved to the GPU and stay there.
+
+Inference only: weights move under autograd's feet, so run forwards under ``torch.no_grad()`` or
+``torch.inference_mode()``. Weights are read-only while offloaded (the GPU may hold prefetched copies of a block's
+host bytes at any time): change them after ``close()``, then offload again.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .block_streams import BlockSlots
+from .errors import ConfigError
+from .host_memory import FlatLayout, HostArena
+
+logger = logging.getLogger(__name__)
+
+GiB = 2**30
+
+WeightSource = Callable[[str, torch.Tensor, torch.Tensor], None]
+"""``fill(name, current, dest)``: write the value of the model's tensor ``name`` (now ``current``, which may be on
+the meta device) into ``dest``, a host arena view or GPU memory of the same shape and dtype. A source may also have
+``fill_many(items)`` taking a list of such triples, used for each block's tensors (to read them concurrently)."""
+
+
+def _copy_current(name: str, current: torch.Tensor, dest: torch.Tensor) -> None:
+    dest.copy_(current)
+
+
+@dataclass(frozen=True)
+class LayerwiseStats:
+    """A snapshot of where the offloaded DiT's weights are and how much has moved."""
+
+    num_blocks: int
+    resident_blocks: int
+    """Blocks kept on the GPU for good."""
+    streamed_blocks: int
+    """Blocks copied into a GPU slot before each use."""
+    prefetch_depth: int
+    block_bytes: int
+    """Bytes of one block (its flat layout, alignment included): one transfer."""
+    host_bytes: int
+    """Host memory holding the blocks' master copy (every block, resident ones included)."""
+    pinned_bytes: int
+    """Of ``host_bytes``, how much is page-locked (0 without ``pin_cpu_memory`` or without CUDA)."""
+    slot_bytes: int
+    """GPU memory of the streaming slots."""
+    resident_bytes: int
+    """GPU memory of the resident blocks."""
+    non_block_bytes: int
+    """GPU memory of the parameters and buffers outside the blocks."""
+    transfers: int
+    """Block copies issued since construction."""
+    transferred_bytes: int
+    forwards: int
+    recoveries: int
+    """Forwards that found a block left on the GPU by an exception or interrupt and put it back."""
+
+
+def spread_resident(num_blocks: int, num_resident: int) -> tuple[bool, ...]:
+    """Which of ``num_blocks`` blocks stay resident when ``num_resident`` do.
+
+    The streamed blocks are spaced evenly and each comes at the end of its run of resident blocks, so the copy of
+    every streamed block overlaps as much compute as possible. ``(k + 1) * B // S - 1`` for ``k < S`` is strictly
+    increasing because ``B / S >= 1``, and always ends with the last block.
+    """
+    num_resident = max(0, min(num_resident, num_blocks))
+    num_streamed = num_blocks - num_resident
+    streamed = {(k + 1) * num_blocks // num_streamed - 1 for k in range(num_streamed)}
+    return tuple(i not in streamed for i in range(num_blocks))
+
+
+def plan_auto_resident(
+    *,
+    available_bytes: int,
+    activation_bytes: int,
+    margin_bytes: int,
+    block_bytes: int,
+    slot_bytes: int,
+    num_blocks: int,
+) -> int:
+    """How many blocks ``resident_blocks="auto"`` keeps on the GPU.
+
+    ``available_bytes`` is what the process could still allocate after a forward (driver-free plus the caching
+    allocator's unused reserve), ``activation_bytes`` the peak that forward needed above its starting point. All
+    blocks fit if they do once the streaming slots are freed; otherwise at least one block streams, so the slots
+    stay.
+    """
+    budget = available_bytes - activation_bytes - margin_bytes
+    if budget <= 0 or block_bytes <= 0:
+        return 0
+    if budget + slot_bytes >= num_blocks * block_bytes:
+        return num_blocks
+    return max(0, min(num_blocks - 1, budget // block_bytes))
+
+
+def _resolve_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", str(device), "no CUDA device is available", "run on a GPU machine or use 'cpu'")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise ConfigError(
+            "device", str(device), "layerwise offload streams to a CUDA device", "use 'cuda' (or 'cpu' in tests)"
+        )
+    return device
+
+
+def _check_options(pin_cpu_memory: bool, prefetch_depth: int, resident_blocks: int | str) -> None:
+    if not isinstance(pin_cpu_memory, bool):
+        raise ConfigError("pin_cpu_memory", pin_cpu_memory, "must be True or False", "pass pin_cpu_memory=True")
+    if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
+        raise ConfigError(
+            "prefetch_depth", prefetch_depth, "must be a whole number of at least 1", "use 1 (the default) or 2"
+        )
+    if resident_blocks != "auto" and (
+        isinstance(resident_blocks, bool) or not isinstance(resident_blocks, int) or resident_blocks < 0
+    ):
+        raise ConfigError(
+            "resident_blocks",
+            resident_blocks,
+            'must be a whole number of at least 0 or "auto"',
+            'use 0, a block count, or "auto"',
+        )
+
+
+def _tensor_entries(module: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
+    """(name relative to ``module``, owning submodule, attribute, is_parameter) for each parameter and buffer, each
+    tensor once, parameters first: the order of the block's flat layout."""
+    seen: set[int] = set()
+    params, buffers = [], []
+    for module_name, sub in module.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for attr, tensor in sub._parameters.items():
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                params.append((prefix + attr, sub, attr, True))
+        for attr, tensor in sub._buffers.items():
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                buffers.append((prefix + attr, sub, attr, False))
+    return params + buffers
+
+
+def _get(owner: nn.Module, attr: str, is_param: bool) -> torch.Tensor:
+    return owner._parameters[attr] if is_param else owner._buffers[attr]
+
+
+def _rebind(owner: nn.Module, attr: str, is_param: bool, new: torch.Tensor) -> None:
+    """Point a parameter/buffer at ``new``. Keeps the tensor object (``.data``) where it can. A meta tensor cannot
+    take real data that way, and an inference tensor (a model built under ``torch.inference_mode()``, as ComfyUI
+    loads models) would stay flagged as one around ordinary data; both are replaced, once, at construction."""
+    old = _get(owner, attr, is_param)
+    if old.is_meta or old.is_inference():
+        if is_param:
+            owner._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+        else:
+            owner._buffers[attr] = new
+    else:
+        old.data = new
+
+
+def _describe(t: torch.Tensor | None) -> str:
+    return "absent" if t is None else f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+class LayerwiseOffloader:
+    """Streams the blocks of a DiT through a GPU; see the module docstring.
+
+    Construct it on a model that lives on the CPU (for instance loaded by diffusers with no device), or load
+    straight from a model folder with :meth:`from_pretrained`. Then call the model as usual. :meth:`close`
+    (alias :meth:`detach`) removes every hook and returns the model to a plain CPU module.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        device: torch.device | str,
+        *,
+        pin_cpu_memory: bool,
+        prefetch_depth: int = 1,
+        resident_blocks: int | Literal["auto"] = 0,
+        weights: WeightSource | None = None,
+    ):
+        """Adopt ``model``: lay its blocks out in host memory, move everything else to ``device``, install hooks.
+
+        ``weights`` says where tensor values come from; None (the default) means the model's own CPU tensors,
+        whose memory is released block by block as it is copied into the arena, so host memory peaks at about one
+        model plus one tensor. :meth:`from_pretrained` passes a reader of the model's safetensors files instead.
+        """
+        _check_options(pin_cpu_memory, prefetch_depth, resident_blocks)
+        self.device = _resolve_device(device)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise ValueError(f"blocks must be a non-empty nn.ModuleList, got {type(blocks).__name__}")
+        blocks_name = next((name for name, m in model.named_modules() if m is blocks), None)
+        if blocks_name is None:
+            raise ValueError(f"blocks is not a submodule of {type(model).__name__}: pass the model's own ModuleList")
+        self.model = model
+        self.blocks = blocks
+        self.prefetch_depth = prefetch_depth
+        self.resident_option = resident_blocks
+        self._blocks_name = blocks_name
+
+        entries = [_tensor_entries(block) for block in blocks]
+        self.layout = self._common_layout(entries)
+        self._check_ownership(entries, weights is not None)
+        num_blocks = len(blocks)
+        nbytes = self.layout.nbytes
+
+        # Streaming state. Positions index the streamed blocks in forward order; an issued copy is (position, slot).
+        self._resident_mask: tuple[bool, ...] = (False,) * num_blocks
+        self._resident_flat: dict[int, torch.Tensor] = {}
+        self._position = [-1] * num_blocks  # block index -> streamed position, -1 when resident
+        self._streamed: list[int] = []  # streamed position -> block index
+        self._slots: BlockSlots | None = None
+        self._slot_views: list[list[torch.Tensor]] = []
+        self._free: deque[int] = deque()
+        self._queue: deque[tuple[int, int]] = deque()
+        self._active: tuple[int, int] | None = None  # (block index, slot) while a streamed block runs
+        self._next_issue = 0
+        self._transfers = 0
+        self._forwards = 0
+        self._recoveries = 0
+        self._auto_inputs_numel = -1  # input size the "auto" decision was measured at; -1: not yet measured
+        self._pending_numel: int | None = None  # input size of the forward being measured
+        self._measure_base: int | None = None  # memory allocated when that forward started
+        self._handles: list = []
+        self._non_block: list[torch.Tensor] = []
+        self._closed = False
+
+        # Build host views and GPU copies outside inference mode, so they are ordinary tensors whatever the caller's
+        # mode (ComfyUI loads models inside torch.inference_mode()).
+        with torch.inference_mode(False), torch.no_grad():
+            self._arena = HostArena(nbytes * num_blocks, pin=pin_cpu_memory)
+        # Unpin even if the offloader is dropped without close(); must not reference self. Not at interpreter exit:
+        # the CUDA context may be gone by then, and the process's memory goes with it anyway.
+        self._finalizer = weakref.finalize(self, HostArena.release, self._arena)
+        self._finalizer.atexit = False
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                self._host_flat = [self._arena.buffer[i * nbytes : (i + 1) * nbytes] for i in range(num_blocks)]
+                self._host_views = [[s.view_into(flat) for s in self.layout.slots] for flat in self._host_flat]
+                self._fill_host_copies(entries, weights)
+                # Identities after _rebind, which replaces meta tensors with new objects.
+                block_ids = {id(_get(owner, attr, is_param)) for e in entries for _, owner, attr, is_param in e}
+                self._non_block = self._place_non_block(block_ids, weights or _copy_current)
+            # The tensor objects to re-point, per block, in layout order.
+            self._tensors = [[_get(owner, attr, is_param) for _, owner, attr, is_param in e] for e in entries]
+            if resident_blocks == "auto":
+                initial = 0
+            else:
+                initial = min(resident_blocks, num_blocks)
+                if resident_blocks > num_blocks:
+                    logger.warning(
+                        "resident_blocks=%d but %s has %d blocks: all %d stay on the GPU (nothing streams)",
+                        resident_blocks,
+                        blocks_name,
+                        num_blocks,
+                        num_blocks,
+                    )
+            self._apply_placement(spread_resident(num_blocks, initial))
+            self._handles = self._install_hooks()
+        except BaseException:
+            self._abandon()
+            raise
+        logger.info(
+            "layerwise offload of %s.%s on %s: %d blocks x %.1f MiB, %d streamed through %d slots (prefetch depth %d), "
+            "%d resident%s; host copy %.2f GiB (%s); %.2f GiB of other weights on %s",
+            type(model).__name__,
+            blocks_name,
+            self.device,
+            num_blocks,
+            nbytes / 2**20,
+            len(self._streamed),
+            self._slots.count if self._slots else 0,
+            prefetch_depth,
+            num_blocks - len(self._streamed),
+            " (auto: decided after the first forward)" if resident_blocks == "auto" else "",
+            self._arena.nbytes / GiB,
+            "pinned" if self._arena.pinned else "pageable",
+            sum(t.numel() * t.element_size() for t in self._non_block) / GiB,
+            self.device,
+        )
+
+    def _fill_host_copies(self, entries, weights: WeightSource | None) -> None:
+        fill = weights or _copy_current
+        fill_many = getattr(weights, "fill_many", None)
+        for i, block_entries in enumerate(entries):
+            prefix = f"{self._blocks_name}.{i}."
+            items = [
+                (prefix + name, _get(owner, attr, is_param), view)
+                for (name, owner, attr, is_param), view in zip(block_entries, self._host_views[i])
+            ]
+            if fill_many is not None:
+                fill_many(items)  # e.g. concurrent file reads
+            else:
+                for item in items:
+                    fill(*item)
+            # Block by block, so an adopted model's own CPU copy is released as the arena fills: host memory peaks
+            # at one model plus one block, not two models.
+            for (_, owner, attr, is_param), view in zip(block_entries, self._host_views[i]):
+                _rebind(owner, attr, is_param, view)
+
+    def _abandon(self) -> None:
+        """Undo a construction that failed half-way: no hook, nothing on the GPU, nothing pinned. Blocks already
+        copied point at the (then pageable) arena, which is an ordinary CPU tensor; the rest keeps its tensors."""
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        with torch.inference_mode(False), torch.no_grad():
+            for _, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+                if not t.is_meta and t.device.type != "cpu":
+                    t.data = t.data.to("cpu")
+        self._resident_flat.clear()
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
+        self._finalizer()
+
+    # ----------------------------------------------------------------------------------------------- construction
+
+    def _common_layout(self, entries: list[list[tuple[str, nn.Module, str, bool]]]) -> FlatLayout:
+        def named(block_entries):
+            return [(name, _get(owner, attr, is_param)) for name, owner, attr, is_param in block_entries]
+
+        reference = named(entries[0])
+        layout = FlatLayout.of(reference)
+        for i, block_entries in enumerate(entries[1:], start=1):
+            current = named(block_entries)
+            if layout.matches(current):
+                continue
+            problem = None
+            for (ref_name, ref), (name, t) in zip(reference, current):
+                if ref_name != name:
+                    problem = f"has tensor {name!r} where block 0 has {ref_name!r}"
+                elif ref.shape != t.shape or ref.dtype != t.dtype:
+                    problem = f"tensor {name!r} is {_describe(t)} there but {_describe(ref)} in block 0"
+                if problem:
+                    break
+            if problem is None and len(current) > len(reference):
+                problem = f"has an extra tensor {current[len(reference)][0]!r}"
+            elif problem is None:
+                problem = f"lacks tensor {reference[len(current)][0]!r}"
+            raise ValueError(
+                f"{self._blocks_name}.{i} is not shaped like {self._blocks_name}.0: it {problem}. Layerwise offload "
+                "streams identically shaped blocks through shared GPU slots; offload this model another way."
+            )
+        return layout
+
+    def _check_ownership(self, entries, has_weights: bool) -> None:
+        """Tensors must be on the CPU (or meta when a weight source fills them) and belong to one block only."""
+        owner_of: dict[int, int] = {}
+        for i, block_entries in enumerate(entries):
+            for name, owner, attr, is_param in block_entries:
+                t = _get(owner, attr, is_param)
+                if owner_of.setdefault(id(t), i) != i:
+                    raise ValueError(
+                        f"{self._blocks_name}.{i}.{name} is shared with block {owner_of[id(t)]}: blocks that share "
+                        "weights cannot stream through separate slots"
+                    )
+        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            if t.is_meta and not has_weights:
+                raise ValueError(
+                    f"{name} is on the meta device: nothing to copy from. Load real weights first, or build with "
+                    "LayerwiseOffloader.from_pretrained(folder, ...)"
+                )
+            if not t.is_meta and t.device.type != "cpu":
+                raise ValueError(
+                    f"{name} is already on {t.device}: the offloader adopts a CPU model (load it without a device, "
+                    "or call model.to('cpu') first) so the full DiT never has to fit on the GPU"
+                )
+
+    def _place_non_block(self, block_ids: set[int], fill: WeightSource) -> list[torch.Tensor]:
+        placed = []
+        for module_name, sub in self.model.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            for store, is_param in ((sub._parameters, True), (sub._buffers, False)):
+                for attr, t in list(store.items()):
+                    if t is None or id(t) in block_ids:
+                        continue
+                    if t.is_meta or t.device != self.device or fill is not _copy_current:
+                        dest = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                        fill(prefix + attr, t, dest)
+                        _rebind(sub, attr, is_param, dest)
+                    block_ids.add(id(_get(sub, attr, is_param)))  # a tensor shared by two modules moves once
+                    placed.append(_get(sub, attr, is_param))
+        return placed
+
+    def _install_hooks(self) -> list:
+        handles = [
+            self.model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
+            self.model.register_forward_hook(self._on_forward_end),
+            # always_call: also runs when the forward raises, so an aborted measurement is dropped.
+            self.model.register_forward_hook(self._on_forward_exit, always_call=True),
+        ]
+        for i, block in enumerate(self.blocks):
+            handles.append(block.register_forward_pre_hook(functools.partial(self._before_block, i)))
+            # always_call: a block that raises still gives its slot back and returns to host views.
+            handles.append(block.register_forward_hook(functools.partial(self._after_block, i), always_call=True))
+        return handles
+
+    # ----------------------------------------------------------------------------------------------- placement
+
+    def _point(self, index: int, views: list[torch.Tensor]) -> None:
+        for t, v in zip(self._tensors[index], views):
+            t.data = v
+
+    def _apply_placement(self, mask: tuple[bool, ...]) -> None:
+        """Make exactly the blocks in ``mask`` resident; (re)build the streamed order and the slots."""
+        self._reset_pipeline()
+        nbytes = self.layout.nbytes
+        demoted = [i for i, r in enumerate(mask) if not r and i in self._resident_flat]
+        if demoted and self.device.type == "cuda":
+            # Resident buffers may be in use on any stream; this is a one-off placement change, not steady state.
+            torch.cuda.synchronize(self.device)
+        with torch.inference_mode(False), torch.no_grad():
+            for i in demoted:
+                self._point(i, self._host_views[i])
+                del self._resident_flat[i]
+            for i, resident in enumerate(mask):
+                if resident and i not in self._resident_flat:
+                    flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                    # Current stream, async from pinned memory; the arena is never written after construction.
+                    flat.copy_(self._host_flat[i], non_blocking=True)
+                    self._resident_flat[i] = flat
+                    self._point(i, [s.view_into(flat) for s in self.layout.slots])
+            self._resident_mask = tuple(mask)
+            self._streamed = [i for i, r in enumerate(mask) if not r]
+            self._position = [-1] * len(mask)
+            for position, i in enumerate(self._streamed):
+                self._position[i] = position
+            if self._streamed and self._slots is None:
+                self._slots = BlockSlots(nbytes, self.prefetch_depth + 1, self.device)
+                self._slot_views = [[s.view_into(buf) for s in self.layout.slots] for buf in self._slots.buffers]
+            elif not self._streamed and self._slots is not None:
+                self._slots.close()
+                self._slots = None
+                self._slot_views = []
+        self._free = deque(range(self._slots.count)) if self._slots else deque()
+        for i, resident in enumerate(mask):
+            logger.debug("%s.%d: %s", self._blocks_name, i, "resident" if resident else "streamed")
+        self._fill()  # prefetch the first streamed block(s) of the next forward
+
+    def _reset_pipeline(self) -> None:
+        """Forget queued copies and put back a block an aborted forward left in a slot. Safe at any point: a copy
+        still in flight is ordered before any later copy into its slot (same stream), and compute only ever waits
+        on the latest copy into a slot."""
+        if self._active is not None:
+            self._recover()
+        self._discard_queue()
+        self._next_issue = 0
+
+    # ----------------------------------------------------------------------------------------------- streaming
+
+    def _fill(self) -> None:
+        """Issue copies into every free slot, in streamed order with wrap-around, at most one per streamed block
+        ahead (with few streamed blocks, more would only copy the same block twice)."""
+        slots, queue, free = self._slots, self._queue, self._free
+        limit = len(self._streamed)
+        while free and len(queue) < limit:
+            slot = free.popleft()
+            position = self._next_issue
+            slots.load(slot, self._host_flat[self._streamed[position]])
+            queue.append((position, slot))
+            self._next_issue = (position + 1) % limit
+            self._transfers += 1
+
+    def _discard_queue(self) -> None:
+        for _, slot in self._queue:
+            self._free.append(slot)
+        self._queue.clear()
+
+    def _recover(self) -> None:
+        index, slot = self._active
+        self._active = None
+        self._point(index, self._host_views[index])
+        # Kernels of the aborted block may still read the slot: record "free" after everything enqueued so far.
+        self._slots.release(slot)
+        self._free.append(slot)
+        self._recoveries += 1
+        logger.debug("%s.%d: recovered from an aborted forward", self._blocks_name, index)
+
+    def _before_block(self, index: int, module: nn.Module, args) -> None:
+        position = self._position[index]
+        if position < 0:
+            return  # resident
+        if self._active is not None:  # an exception the post-hook did not see (KeyboardInterrupt)
+            self._recover()
+        queue = self._queue
+        if not queue or queue[0][0] != position:
+            # Out of the expected order (first forward, after an interrupt, or a caller that skips blocks):
+            # restart the pipeline here. Correct, just not overlapped for this one block.
+            self._discard_queue()
+            self._next_issue = position
+            self._fill()
+        _, slot = queue.popleft()
+        # Compute waits (on the GPU) for this block's copy; the host goes straight on.
+        self._slots.wait_loaded(slot)
+        self._active = (index, slot)
+        self._point(index, self._slot_views[slot])
+        self._fill()
+
+    def _after_block(self, index: int, module: nn.Module, args, output) -> None:
+        active = self._active
+        if active is None or active[0] != index:
+            return
+        self._active = None
+        self._point(index, self._host_views[index])
+        # "Slot free" once this block's kernels, all enqueued by now, have run; the next copy into it waits for that.
+        self._slots.release(active[1])
+        self._free.append(active[1])
+        self._fill()
+
+    # ----------------------------------------------------------------------------------------------- forward hooks
+
+    def _on_forward_start(self, module: nn.Module, args, kwargs) -> None:
+        self._forwards += 1
+        if self._active is not None:
+            self._recover()
+        if self.resident_option == "auto":
+            numel = sum(t.numel() for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+            if numel > self._auto_inputs_numel:
+                self._begin_auto_measurement(numel)
+        if self._streamed and (not self._queue or self._queue[0][0] != 0):
+            self._discard_queue()
+            self._next_issue = 0
+            self._fill()
+
+    def _begin_auto_measurement(self, numel: int) -> None:
+        if any(self._resident_mask):
+            logger.info(
+                "resident_blocks=auto: inputs grew (%d -> %d elements); streaming every block for one forward to "
+                "measure again",
+                self._auto_inputs_numel,
+                numel,
+            )
+            self._apply_placement((False,) * len(self.blocks))
+        self._pending_numel = numel
+        self._measure_base = None
+        if self.device.type == "cuda":
+            # Resets the process's peak statistic: the only way to read this forward's own peak.
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._measure_base = torch.cuda.memory_allocated(self.device)
+
+    def _auto_budget_inputs(self, base: int | None) -> tuple[int, int, int] | None:
+        """(available bytes, total bytes, activation peak bytes) after a measured forward; None without CUDA."""
+        if base is None or self.device.type != "cuda":
+            return None
+        activation = torch.cuda.max_memory_allocated(self.device) - base
+        free, total = torch.cuda.mem_get_info(self.device)
+        unused_reserve = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return free + unused_reserve, total, activation
+
+    def _on_forward_end(self, module: nn.Module, args, output) -> None:
+        if self._pending_numel is None:
+            return
+        numel, base = self._pending_numel, self._measure_base
+        self._pending_numel = self._measure_base = None
+        self._auto_inputs_numel = numel
+        figures = self._auto_budget_inputs(base)
+        if figures is None:
+            logger.info("resident_blocks=auto: no CUDA memory figures on %s; every block keeps streaming", self.device)
+            return
+        available, total, activation = figures
+        margin = max(GiB, total // 20)
+        count = plan_auto_resident(
+            available_bytes=available,
+            activation_bytes=activation,
+            margin_bytes=margin,
+            block_bytes=self.layout.nbytes,
+            slot_bytes=self._slots.total_bytes if self._slots else 0,
+            num_blocks=len(self.blocks),
+        )
+        logger.info(
+            "resident_blocks=auto: the forward needed %.2f GiB of activations; %.2f GiB available minus %.2f GiB "
+            "margin -> %d of %d blocks resident, %d streamed",
+            activation / GiB,
+            available / GiB,
+            margin / GiB,
+            count,
+            len(self.blocks),
+            len(self.blocks) - count,
+        )
+        if count:
+            self._apply_placement(spread_resident(len(self.blocks), count))
+
+    def _on_forward_exit(self, module: nn.Module, args, output) -> None:
+        # Runs after _on_forward_end on success, and alone when the forward raised: an unfinished measurement is
+        # dropped (the next forward measures again) and a block left in a slot goes back to host memory.
+        self._pending_numel = self._measure_base = None
+        if self._active is not None:
+            self._recover()
+
+    # ----------------------------------------------------------------------------------------------- public
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        device: torch.device | str,
+        *,
+        pin_cpu_memory: bool,
+        dtype: torch.dtype | None = torch.bfloat16,
+        prefetch_depth: int = 1,
+        resident_blocks: int | Literal["auto"] = 0,
+        model_cls: type | None = None,
+        blocks_attr: str = "blocks",
+    ) -> LayerwiseOffloader:
+        """Load a Diffusers-format model folder (``config.json`` + ``diffusion_pytorch_model*.safetensors``, e.g.
+        a Wan ``transformer/``) straight into layerwise offload; the model is ``offloader.model``.
+
+        The model is built with its parameters on the meta device; each block tensor is read from the files into
+        its place in the host arena, every other tensor into GPU memory, one tensor at a time: the full DiT is
+        never on the GPU and never twice in host memory. Tensors get the dtypes ``from_pretrained(dtype=dtype)``
+        gives them (``_keep_in_fp32_modules`` stay float32); non-persistent buffers are computed by ``__init__``.
+        """
+        from .direct_load import SafetensorsWeights, build_empty_model, resolve_model_class
+
+        _check_options(pin_cpu_memory, prefetch_depth, resident_blocks)
+        _resolve_device(device)
+        folder = Path(folder)
+        model_cls = resolve_model_class(folder, model_cls)
+        with SafetensorsWeights(folder, dtype, getattr(model_cls, "_keep_in_fp32_modules", None)) as weights:
+            model = build_empty_model(model_cls, folder, dtype)
+            blocks = getattr(model, blocks_attr, None)
+            if not isinstance(blocks, nn.ModuleList):
+                raise ValueError(f"{model_cls.__name__} has no nn.ModuleList named {blocks_attr!r}; pass blocks_attr")
+            weights.apply_dtypes(model)
+            return cls(
+                model,
+                blocks,
+                device,
+                pin_cpu_memory=pin_cpu_memory,
+                prefetch_depth=prefetch_depth,
+                resident_blocks=resident_blocks,
+                weights=weights,
+            )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def set_resident_blocks(self, resident_blocks: int | Literal["auto"]) -> None:
+        """Change how many blocks stay on the GPU, between forwards (e.g. to make room for a VAE decode).
+
+        An int takes effect at once (GPU copies of demoted blocks are freed, promoted ones copied in); ``"auto"``
+        streams everything until the next forward has measured what fits again. Synchronizes the device once.
+        """
+        _check_options(True, self.prefetch_depth, resident_blocks)
+        if self._closed:
+            raise RuntimeError("this LayerwiseOffloader is closed; create a new one")
+        num_blocks = len(self.blocks)
+        count = 0 if resident_blocks == "auto" else min(resident_blocks, num_blocks)
+        self.resident_option = resident_blocks
+        self._auto_inputs_numel = -1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # one-off: prefetches in flight land before slots may be freed
+        self._apply_placement(spread_resident(num_blocks, count))
+        logger.info(
+            "%s: resident_blocks=%r -> %d of %d blocks resident", self._blocks_name, resident_blocks, count, num_blocks
+        )
+
+    def block_location(self, index: int) -> Literal["host", "slot", "resident", "elsewhere"]:
+        """Where block ``index``'s tensors point now: its host copy (between forwards, and always once closed), a
+        streaming slot (while it runs), its resident GPU copy, or somewhere else (someone replaced them)."""
+
+        def inside(t: torch.Tensor, flat: torch.Tensor) -> bool:
+            return t.device == flat.device and flat.data_ptr() <= t.data_ptr() < flat.data_ptr() + flat.numel()
+
+        tensors = self._tensors[index]
+        if not tensors:
+            return "host"
+        first = tensors[0]
+        if inside(first, self._host_flat[index]):
+            return "host"
+        if index in self._resident_flat and inside(first, self._resident_flat[index]):
+            return "resident"
+        if self._slots is not None and any(inside(first, buf) for buf in self._slots.buffers):
+            return "slot"
+        return "elsewhere"
+
+    def stats(self) -> LayerwiseStats:
+        num_blocks = len(self.blocks)
+        return LayerwiseStats(
+            num_blocks=num_blocks,
+            resident_blocks=num_blocks - len(self._streamed),
+            streamed_blocks=len(self._streamed),
+            prefetch_depth=self.prefetch_depth,
+            block_bytes=self.layout.nbytes,
+            host_bytes=self._arena.nbytes,
+            pinned_bytes=self._arena.nbytes if self._arena.pinned else 0,
+            slot_bytes=self._slots.total_bytes if self._slots else 0,
+            resident_bytes=len(self._resident_flat) * self.layout.nbytes,
+            non_block_bytes=0 if self._closed else sum(t.numel() * t.element_size() for t in self._non_block),
+            transfers=self._transfers,
+            transferred_bytes=self._transfers * self.layout.nbytes,
+            forwards=self._forwards,
+            recoveries=self._recoveries,
+        )
+
+    def close(self) -> None:
+        """Remove the hooks, point every block at its host copy, move the other weights back to the CPU, free the
+        GPU slots and resident blocks, and unpin. The model is then a plain CPU module. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.device.type == "cuda":
+            # Once, not in steady state: no copy may still read the arena we unpin or write a slot we free.
+            torch.cuda.synchronize(self.device)
+        self._active = None
+        self._queue.clear()
+        with torch.inference_mode(False), torch.no_grad():
+            for i in range(len(self.blocks)):
+                self._point(i, self._host_views[i])
+            for t in self._non_block:
+                if t.device.type != "cpu":
+                    t.data = t.data.to("cpu")
+        self._resident_flat.clear()
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
+        self._slot_views = []
+        self._free.clear()
+        self._streamed = []
+        self._position = [-1] * len(self.blocks)
+        self._non_block = []
+        self._finalizer()  # HostArena.release: unpin; the views stay valid as pageable memory
+        logger.info(
+            "layerwise offload of %s.%s closed; the model is back on the CPU",
+            type(self.model).__name__,
+            self._blocks_name,
+        )
+
+    detach = close
+
+    def __enter__(self) -> LayerwiseOffloader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
