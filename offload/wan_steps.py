@@ -133,17 +133,33 @@ def _sample(manager, model, config, conditioning, params, observer) -> torch.Ten
     scheduler = make_scheduler(scheduler_class, scheduler_config, params.flow_shift)
     z_dim = int(model.folder.read_config("vae").get("z_dim", 16))
     noise = initial_noise(params, z_dim)
-    if conditioning.image is not None and conditioning.image_condition is None:
-        from .image_conditioning import image_condition_latents
-
-        with manager.encoder_in_use(model, "vae", config.vae_cpu_offload, config) as (vae, device):
-            condition = image_condition_latents(vae, conditioning.image, params, device)
-        conditioning = dataclasses.replace(conditioning, image_condition=condition)
+    conditioning = _with_image_condition(manager, model, config, conditioning, params)
     if config.distributed:
         return manager.worker_group(model, config).sample(conditioning, params, noise, observer)
     with manager.dit_in_use(model, config) as transformer:
         predictor = DiTNoisePredictor(transformer, conditioning, manager.device, model.dit_dtype)
         return denoise(predictor, scheduler, params, noise, manager.device, observer)
+
+
+def prepare_image_condition(
+    manager: OffloadManager, model: LoadedWan, config: OffloadConfig, conditioning: Conditioning, params: SamplingParams
+) -> Conditioning:
+    """Image-to-video: VAE-encode the start frame for this video's size (``sample_latents`` does it when needed;
+    callers that want it as a stage of its own - timing, or a separate node - call this first)."""
+    check_params_for_model(model, params)
+    return _with_auto_offload(
+        manager, model, config, lambda c: _with_image_condition(manager, model, c, conditioning, params)
+    )
+
+
+def _with_image_condition(manager, model, config, conditioning: Conditioning, params) -> Conditioning:
+    if conditioning.image is None or conditioning.image_condition is not None:
+        return conditioning
+    from .image_conditioning import image_condition_latents
+
+    with manager.encoder_in_use(model, "vae", config.vae_cpu_offload, config) as (vae, device):
+        condition = image_condition_latents(vae, conditioning.image, params, device)
+    return dataclasses.replace(conditioning, image_condition=condition)
 
 
 def decode_video(manager: OffloadManager, model: LoadedWan, config: OffloadConfig, latents: torch.Tensor) -> torch.Tensor:
