@@ -180,11 +180,15 @@ def measured(device: torch.device, out: dict):
     out["seconds"] = round(time.perf_counter() - started, 4)
 
 
-def placement_seconds(manager: OffloadManager, model: LoadedWan, name: str, config: OffloadConfig, device) -> float:
-    """One use's cost of an offloaded module: the copy of its pinned host copy to the device (median of 3)."""
-    placer = manager._placer(model, name, pin=config.pin_cpu_memory)
+def placement_seconds(manager: OffloadManager, model: LoadedWan, name: str, config: OffloadConfig, device,
+                      repeats: int = 3) -> float:
+    """One use's cost of an offloaded module: the copy of its pinned host copy to the device (median)."""
+    return copy_seconds(manager._placer(model, name, pin=config.pin_cpu_memory), device, repeats)
+
+
+def copy_seconds(placer, device, repeats: int) -> float:
     times = []
-    for _ in range(3):
+    for _ in range(repeats):
         placer.to_host()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -194,7 +198,25 @@ def placement_seconds(manager: OffloadManager, model: LoadedWan, name: str, conf
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
     placer.to_host()
-    return sorted(times)[1]
+    return sorted(times)[len(times) // 2]
+
+
+def offload_cost_only(sizes: dict, device, bandwidth: float, emit, repeats: int = 21) -> None:
+    """Just the per-use cost of VAE and image-encoder offload, with many repeats (a 9 ms copy needs them)."""
+    from video_offload.offload.placement import ModulePlacer
+
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    components = {"vae": AutoencoderKLWan(**sizes["vae"]).eval(),
+                  "image_encoder": CLIPVisionModel(CLIPVisionConfig(**sizes["clip"])).eval()}
+    for name in ("vae", "image_encoder"):
+        placer = ModulePlacer(name, components[name], pin=True)
+        seconds = copy_seconds(placer, device, repeats)
+        ideal = placer.nbytes / (bandwidth * 1e9)
+        emit(dict(stage=f"offload_cost_per_use_{name}", repeats=repeats, seconds=round(seconds, 5),
+                  bytes=placer.nbytes, bytes_over_h2d_s=round(ideal, 5), ratio=round(seconds / ideal, 3)))
+        placer.close()
 
 
 def prepare(manager: OffloadManager, model: LoadedWan, config: OffloadConfig) -> float:
@@ -270,6 +292,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--out", default=None, help="also append the JSON rows to this file")
+    parser.add_argument("--offload-cost-only", action="store_true",
+                        help="only the per-use copy cost of the offloaded VAE and image encoder (21 repeats)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -291,6 +315,9 @@ def main() -> int:
     bandwidth = h2d_bandwidth(device)
     emit(dict(stage="h2d_bandwidth", gb_per_s=round(bandwidth, 2), device=torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", torch=torch.__version__))
+    if args.offload_cost_only:
+        offload_cost_only(sizes, device, bandwidth, emit)
+        return 0
     import numpy as np
     import PIL.Image
 
