@@ -30,6 +30,7 @@ from video_offload.offload.manager import OffloadManager  # noqa: E402
 from video_offload.offload.model_folder import T2V_COMPONENTS, WanModelFolder  # noqa: E402
 from video_offload.offload.placement import tensor_bytes  # noqa: E402
 from video_offload.offload.tiny_model import _build_tokenizer  # noqa: E402
+from video_offload.offload.wan_shapes import CLIP_VIT_H, UMT5_XXL, WAN_DIT, WAN_VAE  # noqa: E402
 from video_offload.offload.wan_steps import decode_video, encode_prompts, prepare_image_condition, sample_latents  # noqa: E402
 
 MODES = {
@@ -46,21 +47,7 @@ MODES = {
 }
 """The seed's recommended order on one GPU, from nothing offloaded to its defaults (everything offloaded)."""
 
-UMT5_XXL = dict(
-    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-    dropout_rate=0.0,
-)
-WAN_14B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-    eps=1e-6, rope_max_seq_len=1024,
-)
-WAN_14B_I2V = dict(WAN_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
-CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                  image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
-WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
-
+WAN_14B = WAN_DIT["14B"]
 TINY = dict(
     umt5=dict(UMT5_XXL, vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
     dit=dict(WAN_14B, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=4, text_dim=32,

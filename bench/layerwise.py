@@ -23,45 +23,21 @@ import platform
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
-try:
-    import video_offload  # noqa: F401  (installed: pip install -e .)
-except ModuleNotFoundError as e:
-    if e.name != "video_offload":
-        raise
-    # Not installed (the device machine): expose the checkout as the package without running its __init__, which
-    # imports the nodes and the whole engine; the modules used here only import each other.
-    _root = Path(__file__).resolve().parents[1]
-    for _name, _path in (("video_offload", _root), ("video_offload.offload", _root / "offload")):
-        _module = types.ModuleType(_name)
-        _module.__path__ = [str(_path)]
-        sys.modules[_name] = _module
+# The package must be importable: `pip install -e .` here, `bench/on_device.sh` on the device machine.
 
 from video_offload.offload.direct_load import WEIGHTS_INDEX_NAME  # noqa: E402
 from video_offload.offload.layerwise import LayerwiseOffloader  # noqa: E402
+from video_offload.offload.wan_shapes import WAN_DIT, WAN_DIT_COMMON  # noqa: E402
 
 GiB = 2**30
 
-COMMON = dict(
-    patch_size=(1, 2, 2),
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
 CONFIGS = {
-    "1.3B": dict(COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
-    "14B": dict(COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
-    "tiny": dict(COMMON, num_attention_heads=2, attention_head_dim=24, text_dim=32, ffn_dim=64, num_layers=6),
+    **WAN_DIT,
+    "tiny": dict(WAN_DIT_COMMON, num_attention_heads=2, attention_head_dim=24, text_dim=32, ffn_dim=64, num_layers=6),
 }
 MODES = ("resident", "ours_stream", "ours_auto", "diffusers_group")
 EXTRA_MODES = ("ours_stream_pageable",)

@@ -32,22 +32,11 @@ import platform
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
-try:
-    import video_offload  # noqa: F401  (installed: pip install -e .)
-except ModuleNotFoundError as e:
-    if e.name != "video_offload":
-        raise
-    # Not installed (the device machine): expose the checkout as the package without running its __init__ files.
-    _root = Path(__file__).resolve().parents[1]
-    for _name, _path in (("video_offload", _root), ("video_offload.offload", _root / "offload")):
-        _module = types.ModuleType(_name)
-        _module.__path__ = [str(_path)]
-        sys.modules[_name] = _module
+# The package must be importable: `pip install -e .` here, `bench/on_device.sh` on the device machine.
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layerwise import CONFIGS, write_random_weights  # noqa: E402  (the same weights folder as the layerwise bench)

@@ -338,21 +338,30 @@ class LayerwiseOffloader:
     def _abandon(self) -> None:
         """Undo a construction that failed half-way: no hook, nothing on the GPU, nothing pinned. Blocks already
         copied point at the (then pageable) arena, which is an ordinary CPU tensor; the rest keeps its tensors."""
+        self._stop_streaming()
+        with torch.inference_mode(False), torch.no_grad():
+            for _, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+                if not t.is_meta and t.device.type != "cpu":
+                    t.data = t.data.to("cpu")
+        self._free_device_memory()
+
+    def _stop_streaming(self) -> None:
+        """Mark closed, remove every hook, and wait once for the device: no copy may still read the arena we are
+        about to unpin or write a slot we are about to free (never done in steady state)."""
         self._closed = True
         for handle in self._handles:
             handle.remove()
         self._handles = []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        with torch.inference_mode(False), torch.no_grad():
-            for _, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
-                if not t.is_meta and t.device.type != "cpu":
-                    t.data = t.data.to("cpu")
+
+    def _free_device_memory(self) -> None:
+        """Drop resident blocks and slots, and unpin (the host views stay valid as pageable memory)."""
         self._resident_flat.clear()
         if self._slots is not None:
             self._slots.close()
             self._slots = None
-        self._finalizer()
+        self._finalizer()  # HostArena.release
 
     # ----------------------------------------------------------------------------------------------- construction
 
@@ -740,13 +749,7 @@ class LayerwiseOffloader:
         GPU slots and resident blocks, and unpin. The model is then a plain CPU module. Idempotent."""
         if self._closed:
             return
-        self._closed = True
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        if self.device.type == "cuda":
-            # Once, not in steady state: no copy may still read the arena we unpin or write a slot we free.
-            torch.cuda.synchronize(self.device)
+        self._stop_streaming()
         self._active = None
         self._queue.clear()
         with torch.inference_mode(False), torch.no_grad():
@@ -755,16 +758,12 @@ class LayerwiseOffloader:
             for t in self._non_block:
                 if t.device.type != "cpu":
                     t.data = t.data.to("cpu")
-        self._resident_flat.clear()
-        if self._slots is not None:
-            self._slots.close()
-            self._slots = None
         self._slot_views = []
         self._free.clear()
         self._streamed = []
         self._position = [-1] * len(self.blocks)
         self._non_block = []
-        self._finalizer()  # HostArena.release: unpin; the views stay valid as pageable memory
+        self._free_device_memory()
         logger.info(
             "layerwise offload of %s.%s closed; the model is back on the CPU",
             type(self.model).__name__,

@@ -19,6 +19,7 @@ from torch import nn
 from video_offload.offload.errors import ConfigError, ModelLoadError
 from video_offload.offload.layerwise import LayerwiseOffloader, plan_auto_resident, spread_resident
 from video_offload.offload.tiny_model import TinyWanSpec, build_tiny_wan
+from video_offload.offload.wan_shapes import WAN_DIT, WAN_DIT_COMMON
 
 NUM_LAYERS = 5
 LOGGER = LayerwiseOffloader.__module__
@@ -506,28 +507,12 @@ def _random_wan_folder(folder: Path, config: dict, dtype=torch.bfloat16) -> Path
     return folder
 
 
-WAN_SHAPES = {
-    "1.3B": dict(num_attention_heads=12, ffn_dim=8960),
-    "14B": dict(num_attention_heads=40, ffn_dim=13824),
-}
+WAN_SHAPES = {name: dict(num_attention_heads=c["num_attention_heads"], ffn_dim=c["ffn_dim"]) for name, c in WAN_DIT.items()}
 
 
 @pytest.fixture(scope="module", params=list(WAN_SHAPES))
 def big_wan_dir(request, tmp_path_factory):
-    config = dict(
-        patch_size=(1, 2, 2),
-        attention_head_dim=128,
-        in_channels=16,
-        out_channels=16,
-        text_dim=4096,
-        freq_dim=256,
-        num_layers=4,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=1e-6,
-        rope_max_seq_len=1024,
-        **WAN_SHAPES[request.param],
-    )
+    config = dict(WAN_DIT_COMMON, num_layers=4, **WAN_SHAPES[request.param])
     return _random_wan_folder(tmp_path_factory.mktemp(f"wan_{request.param}"), config)
 
 

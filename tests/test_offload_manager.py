@@ -7,7 +7,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 
 from video_offload import VideoGenerator
 from video_offload.offload import OffloadManager, OffloadOutOfMemoryError
