@@ -195,6 +195,22 @@ class OffloadManager:
             finally:
                 if cpu_offload:
                     placer.to_host()
+                elif name == "text_encoder" and not self._memory_allows_keeping(placer.nbytes):
+                    placer.to_host()
+                    logger.info(
+                        "%s/text_encoder: released after encoding (%.2f GiB), the device is too full to keep it",
+                        model.name, placer.nbytes / 2**30,
+                    )
+
+    def _memory_allows_keeping(self, nbytes: int) -> bool:
+        """Whether an encoder that is not offloaded may stay on the device after its use: yes while at least half
+        of the device (or of the budget) is still free, so the DiT and its activations keep their room."""
+        if self.memory_budget is not None:
+            return self.device_bytes() <= self.memory_budget // 2
+        if self.device.type != "cuda":
+            return True
+        free, total = torch.cuda.mem_get_info(self.device)
+        return free >= total // 2
 
     @contextlib.contextmanager
     def dit_in_use(self, model: LoadedWan, config: OffloadConfig) -> Iterator[nn.Module]:

@@ -107,7 +107,21 @@ def rss() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def test_soak_twenty_layerwise_runs_keep_vram_and_rss_flat(wide_t2v):
+class StopAt:
+    """Raises before step ``at``, as ComfyUI's interrupt does."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def before_step(self, index, total):
+        if index == self.at:
+            raise KeyboardInterrupt("interrupted by the test")
+
+    def after_step(self, index, total):
+        pass
+
+
+def test_soak_twenty_layerwise_runs_and_interrupted_runs_keep_vram_and_rss_flat(wide_t2v):
     generator = VideoGenerator.from_pretrained(wide_t2v, precision="bfloat16")
     vram, host = [], []
     for i in range(20):
@@ -116,4 +130,11 @@ def test_soak_twenty_layerwise_runs_keep_vram_and_rss_flat(wide_t2v):
         host.append(rss())
     assert vram[19] <= vram[1] * 1.02, vram
     assert host[19] <= host[1] * 1.02, host
-    print({"vram_run2": vram[1], "vram_run20": vram[19], "rss_run2": host[1], "rss_run20": host[19]})
+    for i in range(5):
+        with pytest.raises(KeyboardInterrupt):
+            generator.generate_video(f"stopped {i}", seed=i, save_video=False, observer=StopAt(1 + i % 2), **SIZES)
+    generator.generate_video("after the interrupts", save_video=False, **SIZES)
+    after_vram, after_rss = allocated(), rss()
+    assert after_vram <= vram[1] * 1.02 and after_rss <= host[1] * 1.02, (after_vram, after_rss)
+    print({"vram_run2": vram[1], "vram_run20": vram[19], "vram_after_interrupts": after_vram,
+           "rss_run2": host[1], "rss_run20": host[19], "rss_after_interrupts": after_rss})

@@ -11,6 +11,7 @@ import pytest
 from video_offload import VideoGenerator
 from video_offload.offload import OffloadManager, OffloadOutOfMemoryError
 from video_offload.offload.placement import Placement
+from video_offload.offload.wan_steps import encode_prompts
 
 SIZES = dict(height=64, width=96, num_frames=9, num_inference_steps=2)
 OPTIONS = ("dit_layerwise_offload", "text_encoder_cpu_offload", "image_encoder_cpu_offload", "vae_cpu_offload",
@@ -145,3 +146,16 @@ def test_auto_offload_walks_the_order_and_remembers(deep_t2v, layerwise_budget, 
     caplog.clear()
     generator.generate_video("a raccoon", seed=4, save_video=False, **SIZES)
     assert "auto offload: out of memory" not in caplog.text
+
+
+def test_text_encoder_on_the_device_is_released_when_memory_does_not_allow_keeping_it(tiny_t2v):
+    roomy = OffloadManager("cpu")
+    tight = OffloadManager("cpu", memory_budget=200_000)  # the text encoder (~150 kB) is over half of it
+    placements = {}
+    for name, manager in (("roomy", roomy), ("tight", tight)):
+        generator = VideoGenerator.from_pretrained(
+            tiny_t2v, precision="float32", manager=manager, text_encoder_cpu_offload=False
+        )
+        encode_prompts(manager, generator.model, generator.config, "a cat")
+        placements[name] = {r.component: r.placement for r in generator.report()}["text_encoder"]
+    assert placements == {"roomy": Placement.GPU, "tight": Placement.HOST_PAGEABLE}
