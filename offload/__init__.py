@@ -3,7 +3,6 @@
 from .config import OffloadConfig, SamplingParams
 from .errors import (
     ConfigError,
-    GenerationInterrupted,
     ModelLoadError,
     OffloadOutOfMemoryError,
     VideoOffloadError,
@@ -15,7 +14,6 @@ from .manager import OffloadManager
 
 __all__ = [
     "ConfigError",
-    "GenerationInterrupted",
     "ModelLoadError",
     "OffloadConfig",
     "OffloadManager",

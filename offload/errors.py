@@ -40,10 +40,6 @@ class VideoSaveError(VideoOffloadError):
     frames = None
 
 
-class GenerationInterrupted(VideoOffloadError):
-    """The user (or ComfyUI) asked to stop between denoising steps. Nothing is left half-placed."""
-
-
 class OffloadOutOfMemoryError(VideoOffloadError):
     """A stage ran out of accelerator memory. Names the stage, what was free, and the next option to turn on."""
 
