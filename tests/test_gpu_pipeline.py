@@ -6,14 +6,13 @@ Marked ``gpu``: skipped without CUDA, run on the device machine (see docs/benchm
 
 from __future__ import annotations
 
-import ctypes
 import gc
-import os
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import StopAt, rss_bytes
 from video_offload import VideoGenerator
 from video_offload.offload import OffloadManager, OffloadOutOfMemoryError
 from video_offload.offload.tiny_model import TinyWanSpec, build_tiny_wan
@@ -100,41 +99,20 @@ def test_real_out_of_memory_gives_guidance_and_the_next_run_works(wide_t2v):
         torch.cuda.set_per_process_memory_fraction(1.0)
 
 
-def rss() -> int:
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class StopAt:
-    """Raises before step ``at``, as ComfyUI's interrupt does."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def before_step(self, index, total):
-        if index == self.at:
-            raise KeyboardInterrupt("interrupted by the test")
-
-    def after_step(self, index, total):
-        pass
-
-
 def test_soak_twenty_layerwise_runs_and_interrupted_runs_keep_vram_and_rss_flat(wide_t2v):
     generator = VideoGenerator.from_pretrained(wide_t2v, precision="bfloat16")
     vram, host = [], []
     for i in range(20):
         generator.generate_video(f"a cat {i}", seed=i, save_video=False, **SIZES)
         vram.append(allocated())
-        host.append(rss())
+        host.append(rss_bytes())
     assert vram[19] <= vram[1] * 1.02, vram
     assert host[19] <= host[1] * 1.02, host
     for i in range(5):
         with pytest.raises(KeyboardInterrupt):
             generator.generate_video(f"stopped {i}", seed=i, save_video=False, observer=StopAt(1 + i % 2), **SIZES)
     generator.generate_video("after the interrupts", save_video=False, **SIZES)
-    after_vram, after_rss = allocated(), rss()
+    after_vram, after_rss = allocated(), rss_bytes()
     assert after_vram <= vram[1] * 1.02 and after_rss <= host[1] * 1.02, (after_vram, after_rss)
     print({"vram_run2": vram[1], "vram_run20": vram[19], "vram_after_interrupts": after_vram,
            "rss_run2": host[1], "rss_run20": host[19], "rss_after_interrupts": after_rss})

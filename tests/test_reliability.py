@@ -10,7 +10,6 @@ import gc
 import json
 import logging
 import math
-import os
 import random
 import re
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 import torch
 
 from comfy_executor import REPO_ROOT, load_pack, make_folder_paths
+from helpers import StopAt, rss_bytes
 from video_offload import VideoGenerator
 from video_offload.offload import OffloadManager, VideoOffloadError
 
@@ -137,20 +137,6 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_t2v, caplog):
 # ----------------------------------------------------------------------------------------------------- faults
 
 
-class StopAt:
-    """An observer that raises (as ComfyUI's interrupt does) before step ``at``."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def before_step(self, index, total):
-        if index == self.at:
-            raise KeyboardInterrupt("interrupted by the test")
-
-    def after_step(self, index, total):
-        pass
-
-
 @pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "resident"])
 def test_interrupt_at_a_random_step_then_a_full_run_is_correct(tiny_t2v, layerwise):
     generator = VideoGenerator.from_pretrained(tiny_t2v, precision="float32", dit_layerwise_offload=layerwise)
@@ -212,17 +198,6 @@ except VideoSaveError as e:
 
 
 # ------------------------------------------------------------------------------------------------------- soak
-
-
-def rss_bytes() -> int:
-    """Resident memory after returning freed heap pages to the OS: glibc keeps freed activations mapped, which
-    makes raw RSS swing by tens of MB between identical runs and would hide (or fake) a real leak."""
-    import ctypes
-
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.slow
