@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from .config import OffloadConfig, SamplingParams
-from .errors import ConfigError, VideoSaveError
+from .errors import VideoSaveError
 from .loading import Precision
 from .manager import OffloadManager
 from .sampling import StepObserver
-from .video_io import save_mp4
+from .video_io import save_mp4, validate_fps
 from .wan_steps import check_params_for_model, decode_video, encode_prompts, sample_latents
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,7 @@ class VideoGenerator:
         ``image`` (image-to-video models) is the start frame: a PIL image, a file path or an ``[H, W, 3]`` array.
         Every parameter is checked before any weight is read.
         """
-        if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= 240:
-            raise ConfigError("fps", fps, "must be a whole number from 1 to 240", "use 16 (Wan's native rate)")
+        validate_fps(fps)
         params = SamplingParams(
             height=height,
             width=width,

@@ -356,6 +356,11 @@ class OffloadManager:
                     placement = Placement.HOST_PAGEABLE
                 device = str(self.device) if placement in (Placement.GPU, Placement.LAYERWISE) else "cpu"
                 records.append(PlacementRecord(model.name, name, tensor_bytes(obj), placement, device))
+            if resources.worker_group is not None:
+                # The DiT lives only in the workers, sharded; its size is that of its weight files.
+                files = model.folder.component("transformer").glob("*.safetensors")
+                nbytes = sum(f.stat().st_size for f in files)
+                records.append(PlacementRecord(model.name, "transformer", nbytes, Placement.FSDP, "workers"))
         return records
 
     def release(self, model: LoadedWan) -> None:

@@ -26,7 +26,6 @@ class Placement(enum.Enum):
     GPU = "gpu"
     LAYERWISE = "layerwise (blocks stream from host)"
     FSDP = "fsdp (sharded over workers)"
-    NOT_LOADED = "not loaded"
 
 
 def module_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -21,6 +21,12 @@ def frames_to_uint8(frames: np.ndarray | torch.Tensor) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
+def validate_fps(fps: object) -> None:
+    """Frame rates ffmpeg and players accept; checked before generating so a bad value wastes no work."""
+    if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= 240:
+        raise ConfigError("fps", fps, "must be a whole number from 1 to 240", "use 16 (Wan's native rate)")
+
+
 def save_mp4(frames: np.ndarray | torch.Tensor, path: str | Path, fps: int = 16) -> Path:
     """Encode ``frames`` to H.264 at ``path`` with imageio-ffmpeg's ffmpeg binary.
 
@@ -28,8 +34,7 @@ def save_mp4(frames: np.ndarray | torch.Tensor, path: str | Path, fps: int = 16)
     saved video). It writes to a temporary name that is renamed on success, so a failure never leaves a
     truncated video under the real name.
     """
-    if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= 240:
-        raise ConfigError("fps", fps, "must be a whole number from 1 to 240", "use 16 (Wan's native rate)")
+    validate_fps(fps)
     import imageio_ffmpeg
 
     pixels = frames_to_uint8(frames)

@@ -214,9 +214,12 @@ def test_image_to_video_through_the_group_matches_single_process(tiny_i2v, start
     )
     try:
         frames = multi.generate_video("a cat", negative_prompt="blurry", image=start_image, seed=4, save_video=False, **sizes)
+        placements = {r.component: (r.placement.name, r.device) for r in multi.report()}
     finally:
         multi.shutdown()
     assert np.abs(frames - expected).max() <= 1e-5
+    assert placements["transformer"] == ("FSDP", "workers")
+    assert "transformer" not in {r.component for r in multi.report()}  # stopped with the group
 
 
 # ---------------------------------------------------------- launcher direct
