@@ -1,7 +1,7 @@
-"""``python -m video_offload``: see ``offload/cli.py``."""
+"""``python -m video_offload``: see ``offload/pipeline/cli.py``."""
 
 import sys
 
-from .offload.cli import main
+from .offload.pipeline.cli import main
 
 sys.exit(main())

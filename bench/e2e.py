@@ -25,13 +25,13 @@ import torch
 
 from video_offload.offload import loading  # noqa: E402
 from video_offload.offload.config import OffloadConfig, SamplingParams  # noqa: E402
-from video_offload.offload.loaded_model import LoadedWan  # noqa: E402
-from video_offload.offload.manager import OffloadManager  # noqa: E402
+from video_offload.offload.core.loaded_model import LoadedWan  # noqa: E402
+from video_offload.offload.core.manager import OffloadManager  # noqa: E402
 from video_offload.offload.model_folder import T2V_COMPONENTS, WanModelFolder  # noqa: E402
-from video_offload.offload.placement import tensor_bytes  # noqa: E402
-from video_offload.offload.tiny_model import _build_tokenizer  # noqa: E402
-from video_offload.offload.wan_shapes import CLIP_VIT_H, UMT5_XXL, WAN_DIT, WAN_VAE  # noqa: E402
-from video_offload.offload.wan_steps import decode_video, encode_prompts, prepare_image_condition, sample_latents  # noqa: E402
+from video_offload.offload.core.placement import tensor_bytes  # noqa: E402
+from video_offload.offload.families.wan.tiny import _build_tokenizer  # noqa: E402
+from video_offload.offload.families.wan.shapes import CLIP_VIT_H, UMT5_XXL, WAN_DIT, WAN_VAE  # noqa: E402
+from video_offload.offload.pipeline.stages import decode_video, encode_prompts, prepare_image_condition, sample_latents  # noqa: E402
 
 MODES = {
     "all_resident": dict(
@@ -190,7 +190,7 @@ def copy_seconds(placer, device, repeats: int) -> float:
 
 def offload_cost_only(sizes: dict, device, bandwidth: float, emit, repeats: int = 21) -> None:
     """Just the per-use cost of VAE and image-encoder offload, with many repeats (a 9 ms copy needs them)."""
-    from video_offload.offload.placement import ModulePlacer
+    from video_offload.offload.core.placement import ModulePlacer
 
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionConfig, CLIPVisionModel

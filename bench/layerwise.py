@@ -31,7 +31,7 @@ import torch
 
 from video_offload.offload.direct_load import WEIGHTS_INDEX_NAME  # noqa: E402
 from video_offload.offload.layerwise import LayerwiseOffloader  # noqa: E402
-from video_offload.offload.wan_shapes import WAN_DIT, WAN_DIT_COMMON  # noqa: E402
+from video_offload.offload.families.wan.shapes import WAN_DIT, WAN_DIT_COMMON  # noqa: E402
 
 GiB = 2**30
 

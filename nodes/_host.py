@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from ..offload.errors import ModelLoadError
-from ..offload.manager import OffloadManager
+from ..offload.core.manager import OffloadManager
 
 try:  # ComfyUI's model folders
     import folder_paths

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ..offload.config import SamplingParams
 from ..offload.errors import ConfigError
-from ..offload.wan_steps import encode_prompts, sample_latents
+from ..offload.pipeline.stages import encode_prompts, sample_latents
 from ._host import NodeStepObserver
 from .handles import CONDITIONING_TYPE, MODEL_TYPE, ModelHandle
+from .latents import to_comfy_latent
 
 CATEGORY = "Video Offload"
 WIDGET_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg"}
@@ -36,6 +37,7 @@ class EncodePrompt:
     RETURN_NAMES = ("conditioning",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
+    DESCRIPTION = "Encode the prompt and negative prompt (and an image-to-video model's start frame), each encoder placed per its offload option."
 
     def encode(self, model: ModelHandle, prompt: str, negative_prompt: str, image=None):
         start = None if image is None else image[:1]
@@ -60,8 +62,9 @@ class Sample:
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
                 "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
                     "Guidance scale. Above 1 runs the DiT twice per step (prompt and negative prompt)."}),
-                "flow_shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip":
-                    "Noise schedule shift: 3.0 for 480p, 5.0 for 720p."}),
+                "flow_shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
+                    "Noise schedule shift. 0 keeps the model's own (its scheduler config: 3.0 in 480p folders, "
+                    "5.0 in 720p ones); set 3.0 for 480p or 5.0 for 720p to override."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip":
                     "Initial noise is drawn on the CPU, so a seed gives the same video on any GPU."}),
             }
@@ -69,16 +72,18 @@ class Sample:
 
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Latents in ComfyUI's own space for this model: native VAE Decode takes them too.",)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
+    DESCRIPTION = "Denoise from the seed's noise, with the DiT streamed, resident or sharded per the offload settings."
 
     def sample(self, model: ModelHandle, conditioning, width, height, num_frames, steps, cfg, flow_shift, seed):
         try:
             params = SamplingParams(
                 height=height, width=width, num_frames=num_frames, num_inference_steps=steps,
-                guidance_scale=cfg, flow_shift=flow_shift, seed=seed,
+                guidance_scale=cfg, flow_shift=None if flow_shift == 0 else flow_shift, seed=seed,
             )
         except ConfigError as e:
             raise e.renamed(WIDGET_NAMES.get(e.field, e.field)) from None
         latents = sample_latents(model.manager, model.model, model.config, conditioning, params, NodeStepObserver())
-        return ({"samples": latents},)
+        return (to_comfy_latent(model.model, latents),)

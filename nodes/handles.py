@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..offload.config import OffloadConfig
-from ..offload.manager import LoadedWan, OffloadManager
+from ..offload.core.loaded_model import LoadedModel
+from ..offload.core.manager import OffloadManager
 
 MODEL_TYPE = "VO_MODEL"
 CONDITIONING_TYPE = "VO_CONDITIONING"
@@ -13,8 +14,8 @@ CONDITIONING_TYPE = "VO_CONDITIONING"
 
 @dataclass(frozen=True)
 class ModelHandle:
-    """A loaded Wan model, the manager that places it, and the offload options to place it with."""
+    """A loaded model, the manager that places it, and the offload options to place it with."""
 
     manager: OffloadManager
-    model: LoadedWan
+    model: LoadedModel
     config: OffloadConfig

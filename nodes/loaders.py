@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..offload.config import OffloadConfig
-from ..offload.loading import Precision
+from ..offload.config import PRECISIONS, OffloadConfig, Precision, option_specs
+from ..offload.errors import ConfigError
+from ..offload.pipeline.stages import load_model
 from ._host import in_comfyui, list_model_folders, resolve_model_folder, shared_manager
 from .handles import MODEL_TYPE, ModelHandle
 
@@ -24,11 +25,11 @@ class LoadModel:
         return {
             "required": {
                 "model_name": model,
-                "precision": (["auto", "bfloat16", "float16", "float32"], {
+                "precision": (list(PRECISIONS), {
                     "default": "auto",
                     "tooltip": "DiT and text encoder weights. auto = bfloat16 on a GPU (Wan's native), float32 on CPU.",
                 }),
-                "vae_precision": (["float32", "bfloat16", "float16"], {
+                "vae_precision": (list(PRECISIONS[1:][::-1]), {
                     "default": "float32",
                     "tooltip": "VAE and image encoder. float32 is Wan's reference; bfloat16 halves their memory.",
                 }),
@@ -44,12 +45,31 @@ class LoadModel:
 
     def load(self, model_name, precision, vae_precision):
         manager = shared_manager()
-        model = manager.load(resolve_model_folder(model_name), Precision(dit=precision, vae=vae_precision))
+        model = load_model(manager, resolve_model_folder(model_name), Precision(dit=precision, vae=vae_precision))
         return (ModelHandle(manager, model, OffloadConfig()),)
 
 
-def _flag(default: bool, tooltip: str):
-    return ("BOOLEAN", {"default": default, "tooltip": tooltip})
+def _auto_widget(name: str) -> str:
+    return f"auto_{name}"
+
+
+def offload_widgets() -> dict[str, tuple]:
+    """One widget per ``OffloadConfig`` option (``config.option``: the one declaration), with its doc as tooltip.
+    An option that may be ``"auto"`` gets a number widget plus an ``auto_<name>`` toggle."""
+    widgets: dict[str, tuple] = {}
+    for spec in option_specs():
+        if spec.kind == "bool":
+            options = {"default": spec.default, "tooltip": spec.tooltip}
+            if spec.labels:
+                options.update(label_off=spec.labels[0], label_on=spec.labels[1])
+            widgets[spec.name] = ("BOOLEAN", options)
+        else:
+            default = 0 if spec.default == "auto" else spec.default
+            widgets[spec.name] = ("INT", {"default": default, "min": spec.low, "max": spec.high, "tooltip": spec.tooltip})
+            if spec.auto:
+                widgets[_auto_widget(spec.name)] = ("BOOLEAN", {"default": spec.default == "auto", "tooltip":
+                    f'{spec.name}="auto": {spec.doc} (overrides {spec.name})'})
+    return widgets
 
 
 class OffloadSettings:
@@ -57,43 +77,7 @@ class OffloadSettings:
 
     @classmethod
     def INPUT_TYPES(cls):
-        d = OffloadConfig()
-        return {
-            "required": {
-                "model": (MODEL_TYPE, {"tooltip": "From Load Model."}),
-                "mode": (["manual", "auto"], {"default": "manual", "tooltip":
-                    "manual: use the options below. auto: start with everything on the GPU and, on each "
-                    "out-of-memory, turn on the next option of the recommended order (logged); the seven options "
-                    "below are then ignored."}),
-                "num_gpus": ("INT", {"default": d.num_gpus, "min": 1, "max": 64, "tooltip":
-                    "GPUs to use. More than one needs use_fsdp_inference (and dit_layerwise_offload off)."}),
-                "use_fsdp_inference": _flag(d.use_fsdp_inference,
-                    "Shard the DiT over the GPUs (FSDP); each layer is gathered just before it runs. "
-                    "Recommended with several GPUs."),
-                "dit_cpu_offload": _flag(d.dit_cpu_offload,
-                    "FSDP only: shards live in CPU memory and move per layer. Saves the most VRAM, costs speed. "
-                    "No effect on one GPU."),
-                "dit_layerwise_offload": _flag(d.dit_layerwise_offload,
-                    "One GPU: DiT blocks live in CPU memory and stream in one block ahead of compute. "
-                    "Near-resident speed in a few GiB. Not with FSDP."),
-                "text_encoder_cpu_offload": _flag(d.text_encoder_cpu_offload,
-                    "Keep the text encoder on the CPU and encode there: slower encoding, ~11 GiB less VRAM for "
-                    "UMT5-XXL. Turn on last."),
-                "image_encoder_cpu_offload": _flag(d.image_encoder_cpu_offload,
-                    "Image-to-video: keep the image encoder in CPU memory, copy it in for the encode only."),
-                "vae_cpu_offload": _flag(d.vae_cpu_offload,
-                    "Keep the VAE in CPU memory and copy it in for the decode only (costs a PCIe copy per use)."),
-                "pin_cpu_memory": _flag(d.pin_cpu_memory,
-                    "Page-lock CPU copies: about twice the PCIe speed and asynchronous copies. Uses locked RAM."),
-                "prefetch_depth": ("INT", {"default": d.prefetch_depth, "min": 1, "max": 8, "tooltip":
-                    "Layerwise: blocks copied ahead of the running one. 1 is enough on PCIe 4/5; 2 smooths slow links."}),
-                "resident_blocks": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip":
-                    "Layerwise: DiT blocks kept on the GPU (the rest stream). More = faster on short clips, more VRAM."}),
-                "auto_resident_blocks": ("BOOLEAN", {"default": False, "tooltip":
-                    "Layerwise: keep as many blocks on the GPU as free memory allows after measuring one step "
-                    "(overrides resident_blocks)."}),
-            }
-        }
+        return {"required": {"model": (MODEL_TYPE, {"tooltip": "From Load Model."}), **offload_widgets()}}
 
     RETURN_TYPES = (MODEL_TYPE,)
     RETURN_NAMES = ("model",)
@@ -104,8 +88,15 @@ class OffloadSettings:
         "Several GPUs: FSDP (layerwise and DiT CPU offload off), then encoders/VAE, then dit_cpu_offload."
     )
 
-    def configure(self, model: ModelHandle, mode: str, auto_resident_blocks: bool, resident_blocks: int, **options):
-        config = OffloadConfig(
-            resident_blocks="auto" if auto_resident_blocks else resident_blocks, auto_offload=mode == "auto", **options
-        )
-        return (dataclasses.replace(model, config=config),)
+    def configure(self, model: ModelHandle, **widgets):
+        options = {}
+        for spec in option_specs():
+            value = widgets.get(spec.name, spec.default)
+            if spec.auto and widgets.get(_auto_widget(spec.name)):
+                value = "auto"
+            options[spec.name] = value
+        unknown = set(widgets) - set(options) - {_auto_widget(s.name) for s in option_specs() if s.auto}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise ConfigError(name, widgets[name], "is not an Offload Settings input", "reload the node from the menu")
+        return (dataclasses.replace(model, config=OffloadConfig(**options)),)

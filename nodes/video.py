@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from ..offload.errors import ConfigError
-from ..offload.video_io import save_mp4
-from ..offload.wan_steps import decode_video
+from ..offload.pipeline.stages import decode_video
+from ..offload.pipeline.video_io import save_mp4
 from ._host import output_directory
 from .handles import MODEL_TYPE, ModelHandle
+from .latents import from_comfy_latent
 
 CATEGORY = "Video Offload"
 
@@ -19,7 +20,7 @@ class DecodeVAE:
         return {
             "required": {
                 "model": (MODEL_TYPE, {"tooltip": "The model whose VAE decodes (placed per vae_cpu_offload)."}),
-                "latent": ("LATENT", {"tooltip": "From Sample."}),
+                "latent": ("LATENT", {"tooltip": "From Sample (or any LATENT of this model, such as a KSampler's)."}),
             }
         }
 
@@ -27,11 +28,10 @@ class DecodeVAE:
     RETURN_NAMES = ("images",)
     FUNCTION = "decode"
     CATEGORY = CATEGORY
+    DESCRIPTION = "Decode a LATENT to frames with the model's VAE, placed per vae_cpu_offload."
 
     def decode(self, model: ModelHandle, latent):
-        if not isinstance(latent, dict) or "samples" not in latent:
-            raise ConfigError("latent", type(latent).__name__, "is not a LATENT", "connect the Sample node's output")
-        return (decode_video(model.manager, model.model, model.config, latent["samples"]),)
+        return (decode_video(model.manager, model.model, model.config, from_comfy_latent(model.model, latent)),)
 
 
 class SaveVideo:
@@ -52,6 +52,7 @@ class SaveVideo:
     OUTPUT_NODE = True
     FUNCTION = "save"
     CATEGORY = CATEGORY
+    DESCRIPTION = "Write frames as an H.264 .mp4 into ComfyUI's output folder."
 
     def save(self, images, fps, filename_prefix):
         root = output_directory().resolve()

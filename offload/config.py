@@ -1,98 +1,116 @@
-"""Frozen, validated configuration: the offload options and the generation parameters.
+"""Frozen, validated configuration: the offload options, the precision, and the generation parameters.
 
 The seven offload options keep FastVideo's names, defaults and meanings exactly (``shared/seed-offloading.txt``),
-so its examples run here with only the import changed. Everything is checked at construction, before a single
-weight is read: a bad value fails in milliseconds with a message naming the field, the value and the fix.
+so its examples run here with only the import changed. Each option is declared once, below, with its doc and
+bounds in the field's metadata: the CLI flags, the Offload Settings node's widgets and tooltips, the
+``VideoGenerator.from_pretrained`` arguments, the auto ladder and the one validation are all derived from these
+declarations (``option_specs``). Everything is checked at construction, before a single weight is read: a bad
+value fails in milliseconds with a message naming the field, the value and the fix.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import ConfigError
 
-SINGLE_GPU_ORDER = (
-    "dit_layerwise_offload",
-    "image_encoder_cpu_offload",
-    "vae_cpu_offload",
-    "text_encoder_cpu_offload",
-)
-"""The seed's recommended order on one GPU: what to turn on next when memory runs out."""
 
-MULTI_GPU_ORDER = (
-    "use_fsdp_inference",
-    "text_encoder_cpu_offload",
-    "image_encoder_cpu_offload",
-    "vae_cpu_offload",
-    "dit_cpu_offload",
-)
-"""The seed's recommended order on several GPUs."""
+def option(default: Any, doc: str, *, low: int | None = None, high: int | None = None, fix: str = "",
+           auto: bool = False, labels: tuple[str, str] | None = None, cost: str = "") -> Any:
+    """A dataclass field carrying what every front end needs to present and check it.
+
+    ``auto``: the value may also be the string ``"auto"``. ``labels``: a boolean shown as a two-way choice
+    (false label, true label). ``cost``: what turning the option on costs, for tooltips and the README.
+    """
+    metadata = dict(doc=doc, low=low, high=high, fix=fix, auto=auto, labels=labels, cost=cost)
+    return field(default=default, metadata=metadata)
 
 
-def _require_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(name, value, "must be True or False", f"pass {name}=True or {name}=False")
+@dataclass(frozen=True)
+class OptionSpec:
+    """One offload option as the front ends see it (derived from an ``OffloadConfig`` field)."""
 
+    name: str
+    kind: Literal["bool", "int"]
+    default: Any
+    doc: str
+    low: int | None
+    high: int | None
+    fix: str
+    auto: bool
+    labels: tuple[str, str] | None
+    cost: str
 
-def _require_int(name: str, value: Any, low: int, high: int, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, value, f"must be a whole number from {low} to {high}", fix)
-    if not low <= value <= high:
-        raise ConfigError(name, value, f"must be from {low} to {high}", fix)
+    @property
+    def flag(self) -> str:
+        """The CLI flag: FastVideo's name with hyphens."""
+        return "--" + self.name.replace("_", "-")
 
+    @property
+    def tooltip(self) -> str:
+        return f"{self.doc} {self.cost}".strip()
 
-def _require_float(name: str, value: Any, low: float, high: float, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(name, value, f"must be a finite number from {low} to {high}", fix)
-    if not low <= value <= high:
-        raise ConfigError(name, value, f"must be from {low} to {high}", fix)
+    def validate(self, value: Any) -> None:
+        """The one check of this option's value (the config, the layerwise offloader and the nodes use it)."""
+        if self.auto and value == "auto":
+            return
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(self.name, value, "must be True or False", f"pass {self.name}=True or {self.name}=False")
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            what = f"must be a whole number from {self.low} to {self.high}" + (' or "auto"' if self.auto else "")
+            raise ConfigError(self.name, value, what, self.fix)
+        if not self.low <= value <= self.high:
+            raise ConfigError(self.name, value, f"must be from {self.low} to {self.high}", self.fix)
 
 
 @dataclass(frozen=True)
 class OffloadConfig:
     """Where the weights of each model live and how they move. Defaults are FastVideo's."""
 
-    num_gpus: int = 1
-    """GPUs to use. More than one needs ``use_fsdp_inference``."""
-    use_fsdp_inference: bool = False
-    """Shard the DiT's weights over ``num_gpus`` GPUs with FSDP; each layer is gathered just before it runs."""
-    dit_cpu_offload: bool = True
-    """With FSDP only: shards live in host memory and move to the GPU per layer. Without FSDP it has no effect."""
-    dit_layerwise_offload: bool = True
-    """One GPU: DiT blocks live in host memory; the next block's copy overlaps the current block's compute."""
-    text_encoder_cpu_offload: bool = True
-    """Text encoder weights stay on the CPU and the prompt is encoded there (slow, but rarely the bottleneck)."""
-    image_encoder_cpu_offload: bool = True
-    """Image encoder weights stay in host memory; copied to the GPU for the encode, dropped after."""
-    vae_cpu_offload: bool = True
-    """VAE weights stay in host memory; copied to the GPU for the decode, dropped after."""
-    pin_cpu_memory: bool = True
-    """Page-lock host copies so host-to-GPU copies run at full PCIe speed and asynchronously."""
-    prefetch_depth: int = 1
-    """Layerwise only: how many blocks ahead of the running one are copied in. 1 hides PCIe on large clips."""
-    resident_blocks: int | Literal["auto"] = 0
-    """Layerwise only: DiT blocks kept on the GPU for the whole run (the rest stream). ``"auto"`` keeps as many as
-    free memory allows after measuring what one denoising step needs; 0 streams every block (FastVideo's)."""
-    auto_offload: bool = False
-    """Ignore the seven options and walk the recommended order by itself: start resident (or plain FSDP on
-    several GPUs) and turn on the next option whenever a stage runs out of memory, logging each choice."""
+    num_gpus: int = option(1, "GPUs to use. More than one needs use_fsdp_inference (and dit_layerwise_offload off).",
+                           low=1, high=64, fix="use 1 for one GPU, or the number of GPUs to shard over")
+    use_fsdp_inference: bool = option(
+        False, "Shard the DiT's weights over num_gpus GPUs with FSDP; each layer is gathered just before it runs.",
+        cost="Recommended with several GPUs.")
+    dit_cpu_offload: bool = option(
+        True, "With FSDP only: shards live in host memory and move to the GPU per layer. Without FSDP it has no "
+              "effect.", cost="Saves the most VRAM on several GPUs, at a cost in speed.")
+    dit_layerwise_offload: bool = option(
+        True, "One GPU: DiT blocks live in host memory; the next block's copy overlaps the current block's compute. "
+              "Not compatible with FSDP.", cost="Near-resident speed in a few GiB of VRAM; needs the DiT's size in RAM.")
+    text_encoder_cpu_offload: bool = option(
+        True, "Text encoder weights stay on the CPU and the prompt is encoded there.",
+        cost="Saves ~11 GiB of VRAM for UMT5-XXL; encoding a new prompt takes seconds on the CPU. Turn on last.")
+    image_encoder_cpu_offload: bool = option(
+        True, "Image encoder weights stay in host memory; copied to the GPU for the encode, dropped after.",
+        cost="Costs one PCIe copy per image-to-video run.")
+    vae_cpu_offload: bool = option(
+        True, "VAE weights stay in host memory; copied to the GPU for the encode/decode, dropped after.",
+        cost="Costs one PCIe copy (~0.5 GB) per use.")
+    pin_cpu_memory: bool = option(
+        True, "Page-lock host copies so host-to-GPU copies run at full PCIe speed and asynchronously.",
+        cost="Uses locked RAM.")
+    prefetch_depth: int = option(
+        1, "Layerwise only: how many blocks ahead of the running one are copied in.", low=1, high=8,
+        fix="use 1 (the default) or 2 on slow PCIe links", cost="1 hides PCIe on large clips; 2 smooths slow links.")
+    resident_blocks: int | Literal["auto"] = option(
+        0, 'Layerwise only: DiT blocks kept on the GPU for the whole run (the rest stream). "auto" keeps as many as '
+           "free memory allows after measuring one denoising step; 0 streams every block (FastVideo's).",
+        low=0, high=1000, fix='use 0 to stream every block, a block count, or "auto"', auto=True,
+        cost="More is faster on short clips and uses more VRAM.")
+    auto_offload: bool = option(
+        False, "Ignore the seven options and walk the recommended order by itself: start resident (or plain FSDP on "
+               "several GPUs) and turn on the next option whenever a stage runs out of memory, logging each choice.",
+        labels=("manual", "auto"))
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if f.type == "bool":
-                _require_bool(f.name, getattr(self, f.name))
-        _require_int("num_gpus", self.num_gpus, 1, 64, "use 1 for one GPU, or the number of GPUs to shard over")
-        _require_int("prefetch_depth", self.prefetch_depth, 1, 8, "use 1 (the default) or 2 on slow PCIe links")
-        if self.resident_blocks != "auto":
-            _require_int(
-                "resident_blocks",
-                self.resident_blocks,
-                0,
-                10_000,
-                'use 0 to stream every block, a block count, or "auto"',
-            )
+        for spec in option_specs():
+            spec.validate(getattr(self, spec.name))
         if self.auto_offload:
             return  # the seven options are chosen by the auto walk, so their combination is not the user's
         if self.use_fsdp_inference and self.dit_layerwise_offload:
@@ -122,13 +140,79 @@ class OffloadConfig:
     def distributed(self) -> bool:
         return self.use_fsdp_inference and self.num_gpus > 1 and not self.auto_offload
 
+    def recommended_steps(self) -> tuple[tuple[str, ...], ...]:
+        return MULTI_GPU_STEPS if self.num_gpus > 1 else SINGLE_GPU_STEPS
+
+    def next_step_to_enable(self) -> tuple[str, ...] | None:
+        """The first step of the seed's recommended order that is not fully on, or None when all are on."""
+        for step in self.recommended_steps():
+            if not all(getattr(self, name) for name in step):
+                return step
+        return None
+
     def next_option_to_enable(self) -> str | None:
         """The first option of the seed's recommended order that is still off, or None when all are on."""
-        order = MULTI_GPU_ORDER if self.num_gpus > 1 else SINGLE_GPU_ORDER
-        for name in order:
-            if not getattr(self, name):
-                return name
-        return None
+        step = self.next_step_to_enable()
+        return None if step is None else next(name for name in step if not getattr(self, name))
+
+
+SINGLE_GPU_STEPS: tuple[tuple[str, ...], ...] = (
+    ("dit_layerwise_offload",),
+    ("image_encoder_cpu_offload", "vae_cpu_offload"),
+    ("text_encoder_cpu_offload",),
+)
+"""The seed's recommended order on one GPU: what to turn on next when memory runs out, step by step."""
+
+MULTI_GPU_STEPS: tuple[tuple[str, ...], ...] = (
+    ("use_fsdp_inference",),
+    ("text_encoder_cpu_offload", "image_encoder_cpu_offload", "vae_cpu_offload"),
+    ("dit_cpu_offload",),
+)
+"""The seed's recommended order on several GPUs (FSDP starts with layerwise and DiT CPU offload off)."""
+
+
+def option_specs() -> tuple[OptionSpec, ...]:
+    """Every ``OffloadConfig`` option, in declaration order, as the front ends present it."""
+    specs = []
+    for f in fields(OffloadConfig):
+        kind = "bool" if f.type == "bool" else "int"
+        specs.append(OptionSpec(f.name, kind, f.default, **f.metadata))
+    return tuple(specs)
+
+
+def option_spec(name: str) -> OptionSpec:
+    for spec in option_specs():
+        if spec.name == name:
+            return spec
+    raise KeyError(name)
+
+
+def make_offload_config(**options: Any) -> OffloadConfig:
+    """``OffloadConfig(**options)``, refusing an unknown option by name (instead of a TypeError)."""
+    known = {spec.name for spec in option_specs()}
+    for name in options:
+        if name not in known:
+            raise ConfigError(name, options[name], "is not an offload option", f"use one of {', '.join(sorted(known))}")
+    return OffloadConfig(**options)
+
+
+PRECISIONS = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Weight dtypes per component. Wan runs its DiT and UMT5 in bfloat16 and its VAE in float32."""
+
+    dit: str = "auto"
+    """DiT and text encoder: auto (bfloat16 on a GPU, float32 on a CPU), bfloat16, float16 or float32."""
+    vae: str = "float32"
+    """VAE and image encoder: float32 (Wan's reference) or bfloat16 to halve their memory."""
+
+    def __post_init__(self) -> None:
+        if self.dit not in PRECISIONS:
+            raise ConfigError("precision", self.dit, "is not a known dtype", "use auto, bfloat16, float16 or float32")
+        if self.vae not in PRECISIONS[1:]:
+            raise ConfigError("vae_precision", self.vae, "is not a known dtype", "use float32 (default), bfloat16 or float16")
 
 
 def validate_prompt(name: str, value: object, allow_empty: bool = False) -> str:
@@ -140,16 +224,31 @@ def validate_prompt(name: str, value: object, allow_empty: bool = False) -> str:
     return value
 
 
+def _require_int(name: str, value: Any, low: int, high: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, value, f"must be a whole number from {low} to {high}", fix)
+    if not low <= value <= high:
+        raise ConfigError(name, value, f"must be from {low} to {high}", fix)
+
+
+def _require_float(name: str, value: Any, low: float, high: float, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(name, value, f"must be a finite number from {low} to {high}", fix)
+    if not low <= value <= high:
+        raise ConfigError(name, value, f"must be from {low} to {high}", fix)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """One video's size, schedule and seed. Checked against the model's own limits again once it is known."""
+    """One video's size, schedule and seed. Generic bounds here; the model's latent geometry (multiples, frame
+    counts) and its own limits are checked by the pipeline once the model is known, still before any weight."""
 
     height: int = 480
-    """Pixels; a multiple of 16 (VAE downsampling 8 x DiT patch 2)."""
+    """Pixels; a multiple of the model's spatial factor times its DiT patch (16 for Wan2.1)."""
     width: int = 832
-    """Pixels; a multiple of 16."""
+    """Pixels; likewise."""
     num_frames: int = 81
-    """Of the form 4k+1 (the VAE compresses time by 4 after the first frame)."""
+    """Of the form tk+1 for the VAE's temporal factor t (4 for Wan)."""
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
     """Classifier-free guidance; at 1.0 or below the negative prompt is not used (diffusers' rule)."""
@@ -160,18 +259,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):
-            value = getattr(self, name)
-            _require_int(name, value, 16, 8192, f"use a multiple of 16 such as {480 if name == 'height' else 832}")
-            if value % 16:
-                raise ConfigError(
-                    name, value, "must be a multiple of 16", f"use {value // 16 * 16 or 16} or {value // 16 * 16 + 16}"
-                )
+            _require_int(name, getattr(self, name), 16, 8192, f"use a multiple of 16 such as {480 if name == 'height' else 832}")
         _require_int("num_frames", self.num_frames, 1, 4093, "use 4k+1 frames such as 17, 33, 49 or 81")
-        if self.num_frames % 4 != 1:
-            lower = (self.num_frames - 1) // 4 * 4 + 1
-            raise ConfigError(
-                "num_frames", self.num_frames, "must be of the form 4k+1", f"use {lower} or {lower + 4}"
-            )
         _require_int("num_inference_steps", self.num_inference_steps, 1, 1000, "use 20-50 steps (at least 1)")
         _require_float("guidance_scale", self.guidance_scale, 0.0, 100.0, "use 5.0 (the default), or 1.0 to disable")
         if self.flow_shift is not None:
@@ -182,6 +271,5 @@ class SamplingParams:
     def uses_guidance(self) -> bool:
         return self.guidance_scale > 1.0
 
-    @property
-    def num_latent_frames(self) -> int:
-        return (self.num_frames - 1) // 4 + 1
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

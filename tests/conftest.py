@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_t2v(tmp_path_factory):
     """A tiny random Wan2.1 T2V folder, built once per session (about a second)."""
-    from video_offload.offload.tiny_model import build_tiny_wan
+    from video_offload.offload.families.wan.tiny import build_tiny_wan
 
     return build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan2.1-t2v")
 
@@ -57,7 +57,7 @@ def diffusers_t2v_reference(tiny_t2v):
 @pytest.fixture(scope="session")
 def tiny_i2v(tmp_path_factory):
     """A tiny random Wan2.1 I2V folder (with image_encoder/ and image_processor/)."""
-    from video_offload.offload.tiny_model import TinyWanSpec, build_tiny_wan
+    from video_offload.offload.families.wan.tiny import TinyWanSpec, build_tiny_wan
 
     return build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan2.1-i2v", spec=TinyWanSpec(image_to_video=True))
 

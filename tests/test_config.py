@@ -6,6 +6,10 @@ import pytest
 
 from video_offload.offload import ConfigError, OffloadConfig, SamplingParams
 from video_offload.offload.config import validate_prompt
+from video_offload.offload.core.spec import LatentSpace
+
+WAN21 = LatentSpace(channels=16, temporal_factor=4, spatial_factor=8, patch=(1, 2, 2))
+"""Wan2.1's latent geometry: sizes are checked against it once the model is known."""
 
 
 def test_defaults_are_fastvideos():
@@ -68,7 +72,7 @@ def test_bad_offload_option(field, value, fix):
 )
 def test_bad_sampling_parameter(field, value, fix):
     with pytest.raises(ConfigError, match=rf"^{field}=.*Fix: .*{fix}"):
-        SamplingParams(**{field: value})
+        WAN21.check(SamplingParams(**{field: value}))
 
 
 def test_prompt_must_be_text():

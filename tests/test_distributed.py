@@ -83,7 +83,7 @@ def workflow(num_gpus: int, dit_cpu_offload: bool = False) -> dict:
             inputs["precision"] = "float32"
         elif node["class_type"] == "VideoOffloadSettings":
             inputs.update(
-                mode="manual", num_gpus=num_gpus, use_fsdp_inference=num_gpus > 1, dit_layerwise_offload=False,
+                auto_offload=False, num_gpus=num_gpus, use_fsdp_inference=num_gpus > 1, dit_layerwise_offload=False,
                 dit_cpu_offload=dit_cpu_offload,
             )
     return prompt
@@ -125,6 +125,11 @@ def test_two_rank_workflow_matches_single_process(comfy, single_process_frames, 
     assert group.info["plan"] == "FSDP over 2 ranks; CFG split in 2"
     weight_bytes, total = group.info["weight_bytes"], group.info["total_bytes"]
     assert max(weight_bytes) <= total / 2 + group.info["block_bytes"]  # each rank holds about half of the DiT
+    # Where each rank's shards live, as FSDP holds them: host memory under FSDP's CPU offload policy exactly when
+    # dit_cpu_offload is on (on this CPU-only machine the compute device is the CPU too, so the policy tells).
+    policy = "CPUOffloadPolicy" if dit_cpu_offload else "OffloadPolicy"
+    assert group.info["placement"] == [{"transformer": {"shard_devices": ["cpu"], "offload_policy": policy,
+                                                        "pinned": False}}] * 2
 
 
 def test_group_is_reused_while_options_are_unchanged(comfy, single_process_frames):
@@ -192,11 +197,17 @@ def test_a_rank_killed_mid_run_is_a_clear_error_and_the_next_run_starts_fresh(co
 def test_a_worker_exception_arrives_with_the_workers_traceback(comfy):
     run(comfy, workflow(num_gpus=2, dit_cpu_offload=True))
     group = worker_group(comfy)
+    import importlib
+
     offload = comfy.pack.offload
-    bad = offload.sampling.Conditioning(torch.zeros(1, 512, 7), torch.zeros(1, 512, 7))  # text_dim is 32
+    denoise = importlib.import_module(f"{offload.__name__}.core.denoise")
+    sampling = importlib.import_module(f"{offload.__name__}.distributed.sampling")
+    bad = denoise.Conditioning(torch.zeros(1, 512, 7), torch.zeros(1, 512, 7))  # text_dim is 32
     params = offload.SamplingParams(height=64, width=96, num_frames=9, num_inference_steps=2)
+    noise = torch.randn(1, 16, 3, 8, 12)
+    payload = sampling.sample_payload(bad, params, ("UniPCMultistepScheduler", {}), noise)
     with pytest.raises(offload.WorkerError, match="failed during step 1 of 2: RuntimeError: mat1 and mat2") as error:
-        group.sample(bad, params, offload.sampling.initial_noise(params, 16))
+        group.call("sample", payload, total_steps=2)
     assert error.value.remote_traceback and "transformer_wan.py" in error.value.remote_traceback
     assert not group.alive
 
@@ -227,50 +238,70 @@ def test_image_to_video_through_the_group_matches_single_process(tiny_i2v, start
 
 @pytest.fixture(scope="module")
 def tiny_parts(tiny_t2v):
-    """What a run needs besides the group: conditioning, params, noise and the single-process latents."""
-    from diffusers import WanTransformer3DModel
-
-    from video_offload.offload.config import OffloadConfig, SamplingParams
-    from video_offload.offload.loading import Precision, make_scheduler
-    from video_offload.offload.manager import OffloadManager
-    from video_offload.offload.sampling import DiTNoisePredictor, denoise, initial_noise
-    from video_offload.offload.wan_steps import encode_prompts
+    """What a run needs besides the group: the model, conditioning, params, noise and the single-process latents."""
+    from video_offload.offload.config import OffloadConfig, Precision, SamplingParams
+    from video_offload.offload.core.denoise import denoise, guided_prediction, initial_noise, make_scheduler
+    from video_offload.offload.core.manager import OffloadManager
+    from video_offload.offload.pipeline.stages import encode_prompts, latent_space, load_model
 
     manager = OffloadManager("cpu")
-    model = manager.load(tiny_t2v, Precision(dit="float32"))
+    model = load_model(manager, tiny_t2v, Precision(dit="float32"))
     config = OffloadConfig(dit_layerwise_offload=False)
     conditioning = encode_prompts(manager, model, config, "a raccoon in sunflowers", "blurry")
     params = SamplingParams(height=64, width=96, num_frames=9, num_inference_steps=3, seed=7)
-    scheduler = (model.folder.classes["scheduler"], model.folder.read_config("scheduler"))
-    noise = initial_noise(params, 16)
+    scheduler = manager.component(model, "scheduler")
+    noise = initial_noise(params, latent_space(model))
     # The bfloat16 reference: diffusers' from_pretrained(dtype=bfloat16) keeps _keep_in_fp32_modules in float32,
     # so each sharded block mixes bf16 and fp32 parameters, as the real 14B does on GPUs.
-    transformer = WanTransformer3DModel.from_pretrained(str(tiny_t2v / "transformer"), dtype=torch.bfloat16).eval()
-    predictor = DiTNoisePredictor(transformer, conditioning, torch.device("cpu"), torch.bfloat16)
-    reference_bf16 = denoise(predictor, make_scheduler(*scheduler, params.flow_shift), params, noise, torch.device("cpu"))
+    bf16_model = load_model(manager, tiny_t2v, Precision(dit="bfloat16"))
+    transformer = manager.component(bf16_model, "transformer")
+    predictor = model.spec.stages.noise_predictor(transformer, conditioning, torch.device("cpu"), torch.bfloat16)
+
+    def predict(index, latents, t):
+        return guided_prediction(predictor, latents, t, params.guidance_scale)
+
+    resolve = model.spec.component("scheduler").resolve
+    reference_bf16 = denoise(predict, make_scheduler(resolve, *scheduler, params.flow_shift), params, noise,
+                             torch.device("cpu"))
     return types.SimpleNamespace(
-        transformer=str(tiny_t2v / "transformer"), conditioning=conditioning, params=params, noise=noise,
-        reference_bf16=reference_bf16, scheduler=scheduler,
+        model=bf16_model, conditioning=conditioning, params=params, noise=noise, reference_bf16=reference_bf16,
+        scheduler=scheduler, predictor_for=model.spec.stages.noise_predictor, resolve=resolve,
     )
+
+
+def group_spec(parts, num_gpus, **options):
+    """The worker spec for the tiny bfloat16 model (``spec_for``, as the manager builds it), with ``options``."""
+    import dataclasses
+
+    from video_offload.offload.config import OffloadConfig
+    from video_offload.offload.distributed.launcher import spec_for
+
+    config = OffloadConfig(num_gpus=num_gpus, use_fsdp_inference=True, dit_layerwise_offload=False, dit_cpu_offload=False)
+    spec = spec_for(parts.model, config)
+    return dataclasses.replace(spec, **{"device": "cpu", **options})
+
+
+def sample(group, parts, params=None, noise=None, observer=None):
+    from video_offload.offload.distributed.sampling import sample_payload
+
+    params = params or parts.params
+    payload = sample_payload(parts.conditioning, params, parts.scheduler, parts.noise if noise is None else noise)
+    return group.call("sample", payload, observer, total_steps=params.num_inference_steps)["latents"]
 
 
 def test_ulysses_in_bfloat16_matches_and_a_hung_rank_is_caught(tiny_parts):
     from video_offload.offload.distributed.launcher import WorkerGroup
-    from video_offload.offload.distributed.protocol import WorkerSpec
-    from video_offload.offload.errors import ConfigError, WorkerError
+    from video_offload.offload.errors import WorkerError
 
-    spec = WorkerSpec(tiny_parts.transformer, "bfloat16", 2, parallel="ulysses", dit_cpu_offload=True, device="cpu",
-                      heartbeat_interval_s=0.5, heartbeat_timeout_s=3.0)
-    group = WorkerGroup.launch(spec, tiny_parts.scheduler)
+    spec = group_spec(tiny_parts, 2, parallel="ulysses", dit_cpu_offload=True, heartbeat_interval_s=0.5,
+                      heartbeat_timeout_s=3.0)
+    group = WorkerGroup.launch(spec)
     try:
         assert group.info["plan"] == "FSDP over 2 ranks; Ulysses sequence parallel over 2"
-        latents = group.sample(tiny_parts.conditioning, tiny_parts.params, tiny_parts.noise)
+        latents = sample(group, tiny_parts)
         reference = tiny_parts.reference_bf16
         assert (latents - reference).abs().max() <= 1e-3 * reference.abs().max()  # bf16; equal on CPU in practice
-        odd = type(tiny_parts.params)(height=48, width=80, num_frames=9, num_inference_steps=1)  # 3x3x5 tokens
-        with pytest.raises(ConfigError, match="45 video tokens, which do not split evenly over 2"):
-            group.sample(tiny_parts.conditioning, odd, torch.zeros(1, 16, 3, 6, 10))
-        assert group.alive  # refused before anything was sent
+        assert group.alive
 
         class StopRankOne:
             def before_step(self, index, total):
@@ -282,30 +313,42 @@ def test_ulysses_in_bfloat16_matches_and_a_hung_rank_is_caught(tiny_parts):
 
         started = time.monotonic()
         with pytest.raises(WorkerError, match=r"rank 1 \(pid \d+\) sent nothing for \d+ s during step 2 of 3"):
-            group.sample(tiny_parts.conditioning, tiny_parts.params, tiny_parts.noise, StopRankOne())
+            sample(group, tiny_parts, observer=StopRankOne())
         assert time.monotonic() - started < 3.0 + 4.0
     finally:
         group.shutdown()
     assert _wait_gone([group.torchrun_pid, *group.pids.values()], 5.0) == []
 
 
+def test_a_video_whose_tokens_do_not_split_over_the_sequence_ranks_is_refused_before_sending():
+    from video_offload.offload.core.spec import LatentSpace
+    from video_offload.offload.distributed.fsdp import ParallelPlan
+    from video_offload.offload.errors import ConfigError
+    from video_offload.offload.pipeline.stages import check_sequence_split
+
+    space = LatentSpace(channels=16, temporal_factor=4, spatial_factor=8, patch=(1, 2, 2))
+    plan = ParallelPlan.choose(2, "ulysses")
+    with pytest.raises(ConfigError, match=r"45 video tokens, which do not split evenly over 2 .*Fix: pick height and "
+                                          r"width such that \(height/16\) x \(width/16\)"):
+        check_sequence_split(plan, space, (1, 16, 3, 6, 10))  # 48x80, 9 frames: 3x3x5 tokens
+    check_sequence_split(plan, space, (1, 16, 21, 60, 104))  # 480x832x81
+
+
 def test_sequence_split_must_divide_the_heads_before_anything_starts(tiny_parts):
     from video_offload.offload.distributed.launcher import WorkerGroup
-    from video_offload.offload.distributed.protocol import WorkerSpec
     from video_offload.offload.errors import ConfigError
 
-    spec = WorkerSpec(tiny_parts.transformer, "float32", 4, parallel="ulysses", device="cpu")
     with pytest.raises(ConfigError, match="does not divide the model's 2 heads"):
-        WorkerGroup.launch(spec, tiny_parts.scheduler)
+        WorkerGroup.launch(group_spec(tiny_parts, 4, parallel="ulysses"), heads=2)
 
 
 def test_orderly_shutdown_and_a_killed_parent_leave_no_processes(tiny_parts, tmp_path):
+    spec = group_spec(tiny_parts, 2)
     parent = textwrap.dedent(f"""
         import json, time
         from video_offload.offload.distributed.launcher import WorkerGroup
         from video_offload.offload.distributed.protocol import WorkerSpec
-        spec = WorkerSpec({tiny_parts.transformer!r}, "float32", 2, device="cpu")
-        group = WorkerGroup.launch(spec, {tiny_parts.scheduler!r})
+        group = WorkerGroup.launch(WorkerSpec.from_json({spec.to_json()!r}))
         print(json.dumps([group.torchrun_pid, *group.pids.values()]), flush=True)
         time.sleep(600)
     """)
@@ -345,9 +388,8 @@ def test_the_link_is_loopback_only_and_refuses_a_wrong_key():
 
 def test_the_secret_is_not_on_the_command_line(tiny_parts):
     from video_offload.offload.distributed.launcher import torchrun_command
-    from video_offload.offload.distributed.protocol import WorkerSpec
 
-    command = " ".join(torchrun_command(WorkerSpec(tiny_parts.transformer, "float32", 2, device="cpu")))
+    command = " ".join(torchrun_command(group_spec(tiny_parts, 2)))
     assert "--standalone" in command and "--local-addr=127.0.0.1" in command
     assert "KEY" not in command and "authkey" not in command.lower()
 
@@ -364,24 +406,33 @@ def test_nccl_group_matches_one_gpu(tiny_parts, gpus, parallel, dit_cpu_offload)
     """The same paths on GPUs with NCCL, in bfloat16 (pinned host shards with CPU offload)."""
     from diffusers import WanTransformer3DModel
 
+    from video_offload.offload.core.denoise import denoise, guided_prediction, make_scheduler
     from video_offload.offload.distributed.launcher import WorkerGroup
-    from video_offload.offload.distributed.protocol import WorkerSpec
-    from video_offload.offload.loading import make_scheduler
-    from video_offload.offload.sampling import DiTNoisePredictor, denoise
 
     if torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} GPUs")
     device = torch.device("cuda", 0)
-    model = WanTransformer3DModel.from_pretrained(tiny_parts.transformer, dtype=torch.bfloat16).to(device).eval()
-    predictor = DiTNoisePredictor(model, tiny_parts.conditioning, device, torch.bfloat16)
-    scheduler = make_scheduler(*tiny_parts.scheduler, tiny_parts.params.flow_shift)
-    reference = denoise(predictor, scheduler, tiny_parts.params, tiny_parts.noise, device)
-    del predictor, model
-    spec = WorkerSpec(tiny_parts.transformer, "bfloat16", gpus, parallel=parallel, dit_cpu_offload=dit_cpu_offload)
-    group = WorkerGroup.launch(spec, tiny_parts.scheduler)
+    folder = tiny_parts.model.source.component_path("transformer")
+    model = WanTransformer3DModel.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+    predictor = tiny_parts.predictor_for(model, tiny_parts.conditioning, device, torch.bfloat16)
+    scheduler = make_scheduler(tiny_parts.resolve, *tiny_parts.scheduler, tiny_parts.params.flow_shift)
+    scale = tiny_parts.params.guidance_scale
+    def predict(index, latents, t):
+        return guided_prediction(predictor, latents, t, scale)
+
+    reference = denoise(predict, scheduler, tiny_parts.params, tiny_parts.noise, device)
+    predictor = model = None  # free the single-GPU copy before the group takes the GPUs
+    spec = group_spec(tiny_parts, gpus, parallel=parallel, dit_cpu_offload=dit_cpu_offload, device="cuda",
+                      pin_cpu_memory=dit_cpu_offload)
+    group = WorkerGroup.launch(spec)
     try:
-        latents = group.sample(tiny_parts.conditioning, tiny_parts.params, tiny_parts.noise)
+        latents = sample(group, tiny_parts)
         assert all(b > 0 for b in group.last_stats["peak_bytes"])
+        policy = "CPUOffloadPolicy" if dit_cpu_offload else "OffloadPolicy"
+        devices = ["cpu"] if dit_cpu_offload else ["cuda"]
+        for rank in group.info["placement"]:
+            assert rank["transformer"]["offload_policy"] == policy and rank["transformer"]["shard_devices"] == devices
+            assert rank["transformer"]["pinned"] is dit_cpu_offload
     finally:
         group.shutdown()
     assert (latents - reference).abs().max() <= 2e-2 * reference.abs().max()

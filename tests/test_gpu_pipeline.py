@@ -15,7 +15,7 @@ import torch
 from helpers import StopAt, rss_bytes
 from video_offload import VideoGenerator
 from video_offload.offload import OffloadManager, OffloadOutOfMemoryError
-from video_offload.offload.tiny_model import TinyWanSpec, build_tiny_wan
+from video_offload.offload.families.wan.tiny import TinyWanSpec, build_tiny_wan
 
 pytestmark = pytest.mark.gpu
 

@@ -6,6 +6,7 @@ the real thing on CUDA: Wan 1.3B- and 14B-shaped blocks in bf16, memory after cl
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -17,9 +18,11 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 from video_offload.offload.errors import ConfigError, ModelLoadError
-from video_offload.offload.layerwise import LayerwiseOffloader, plan_auto_resident, spread_resident
-from video_offload.offload.tiny_model import TinyWanSpec, build_tiny_wan
-from video_offload.offload.wan_shapes import WAN_DIT, WAN_DIT_COMMON
+from video_offload.offload.core.layerwise import LayerwiseOffloader
+from video_offload.offload.core.residency import plan_auto_resident, spread_resident
+from video_offload.offload.weights.streaming import layerwise_from_pretrained
+from video_offload.offload.families.wan.tiny import TinyWanSpec, build_tiny_wan
+from video_offload.offload.families.wan.shapes import WAN_DIT, WAN_DIT_COMMON
 
 NUM_LAYERS = 5
 LOGGER = LayerwiseOffloader.__module__
@@ -89,6 +92,28 @@ def test_offloaded_equals_resident(wan_dir, wan_inputs, reference, depth, reside
         assert all(off.block_location(i) in ("host", "resident") for i in range(NUM_LAYERS))
 
 
+@pytest.mark.parametrize("resident", [0, 2])
+def test_streamed_blocks_compute_from_their_slot_not_from_host_memory(wan_dir, wan_inputs, reference, resident):
+    """On a CPU a block that reads host memory gives the same numbers as one that reads its slot: assert where
+    each block's weights are while it runs, not only the output."""
+    model = load(wan_dir)
+    off = LayerwiseOffloader(model, model.blocks, "cpu", pin_cpu_memory=False, resident_blocks=resident)
+    where: dict[int, str] = {}
+
+    def record(index, *_):
+        where[index] = off.block_location(index)
+
+    # Registered after the offloader's own hooks, so these run once the block has been placed for its forward.
+    handles = [block.register_forward_pre_hook(functools.partial(record, i)) for i, block in enumerate(model.blocks)]
+    assert bit_equal(forward(model, wan_inputs), reference)
+    mask = spread_resident(NUM_LAYERS, resident)
+    assert where == {i: "resident" if mask[i] else "slot" for i in range(NUM_LAYERS)}
+    assert all(off.block_location(i) in ("host", "resident") for i in range(NUM_LAYERS))
+    for handle in handles:
+        handle.remove()
+    off.close()
+
+
 def test_each_forward_copies_each_streamed_block_once(wan_dir, wan_inputs, reference):
     model = load(wan_dir)
     off = LayerwiseOffloader(model, model.blocks, "cpu", pin_cpu_memory=False, resident_blocks=2)
@@ -133,7 +158,7 @@ def test_auto_residency_promotes_after_measuring_and_remeasures_on_bigger_inputs
     # The margin is max(1 GiB, 5% of total): add 1 GiB to what is "available" and report a total of 0.
     figures = {"available": 8 * block, "activation": 6 * block}
     monkeypatch.setattr(
-        off, "_auto_budget_inputs", lambda base: (figures["available"] + 2**30, 0, figures["activation"])
+        off._auto, "memory_figures", lambda base: (figures["available"] + 2**30, 0, figures["activation"])
     )
     with caplog.at_level(logging.INFO, logger=LOGGER):
         assert bit_equal(forward(model, wan_inputs), reference)
@@ -177,7 +202,7 @@ def test_inference_mode_everywhere_as_comfyui_runs_nodes(wan_dir, wan_inputs, re
     model = load(wan_dir) if how == "adopt" else None
     with torch.inference_mode():
         if how == "from_pretrained":
-            off = LayerwiseOffloader.from_pretrained(wan_dir, "cpu", pin_cpu_memory=False, dtype=torch.float32)
+            off = layerwise_from_pretrained(wan_dir, "cpu", model_cls=WanTransformer3DModel, pin_cpu_memory=False, dtype=torch.float32)
             model = off.model
         else:
             model = model or load(wan_dir)
@@ -342,7 +367,7 @@ def test_failed_construction_leaves_a_working_cpu_module(wan_dir, wan_inputs, re
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_direct_loader_equals_from_pretrained_bit_for_bit(wan_dir, dtype):
     ref = WanTransformer3DModel.from_pretrained(wan_dir, dtype=dtype)
-    off = LayerwiseOffloader.from_pretrained(wan_dir, "cpu", pin_cpu_memory=False, dtype=dtype, resident_blocks=1)
+    off = layerwise_from_pretrained(wan_dir, "cpu", model_cls=WanTransformer3DModel, pin_cpu_memory=False, dtype=dtype, resident_blocks=1)
     got = off.model
     assert type(got) is WanTransformer3DModel and not got.training
     assert state_equal(got.state_dict(), ref.state_dict())  # dtypes included: fp32 modules stay float32
@@ -358,7 +383,7 @@ def test_direct_loader_equals_from_pretrained_bit_for_bit(wan_dir, dtype):
 
 
 def test_direct_loader_output_equals_resident(wan_dir, wan_inputs, reference):
-    off = LayerwiseOffloader.from_pretrained(wan_dir, "cpu", pin_cpu_memory=True, dtype=torch.float32)
+    off = layerwise_from_pretrained(wan_dir, "cpu", model_cls=WanTransformer3DModel, pin_cpu_memory=True, dtype=torch.float32)
     assert bit_equal(forward(off.model, wan_inputs), reference)
     off.close()
 
@@ -366,27 +391,27 @@ def test_direct_loader_output_equals_resident(wan_dir, wan_inputs, reference):
 def test_direct_loader_reads_sharded_folders(wan_dir, tmp_path, wan_inputs, reference):
     WanTransformer3DModel.from_pretrained(wan_dir).save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    off = LayerwiseOffloader.from_pretrained(tmp_path, "cpu", pin_cpu_memory=False, dtype=torch.float32)
+    off = layerwise_from_pretrained(tmp_path, "cpu", model_cls=WanTransformer3DModel, pin_cpu_memory=False, dtype=torch.float32)
     assert bit_equal(forward(off.model, wan_inputs), reference)
     off.close()
 
 
 def test_direct_loader_without_positional_reads(wan_dir, wan_inputs, reference, monkeypatch):
     """The Windows path: no os.preadv, one handle per read."""
-    from video_offload.offload import direct_load
+    from video_offload.offload.weights import safetensors_file
 
-    monkeypatch.setattr(direct_load, "_HAS_PREADV", False)
-    off = LayerwiseOffloader.from_pretrained(wan_dir, "cpu", pin_cpu_memory=False, dtype=torch.float32)
+    monkeypatch.setattr(safetensors_file, "_HAS_PREADV", False)
+    off = layerwise_from_pretrained(wan_dir, "cpu", model_cls=WanTransformer3DModel, pin_cpu_memory=False, dtype=torch.float32)
     assert bit_equal(forward(off.model, wan_inputs), reference)
     off.close()
 
 
 def test_direct_loader_rejects_incomplete_folders(wan_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
-        LayerwiseOffloader.from_pretrained(tmp_path, "cpu", pin_cpu_memory=False)
+        layerwise_from_pretrained(tmp_path, "cpu", model_cls=WanTransformer3DModel, pin_cpu_memory=False)
     (tmp_path / "config.json").write_text((wan_dir / "config.json").read_text())
     with pytest.raises(ModelLoadError, match="no diffusion_pytorch_model.safetensors"):
-        LayerwiseOffloader.from_pretrained(tmp_path, "cpu", pin_cpu_memory=False, model_cls=WanTransformer3DModel)
+        layerwise_from_pretrained(tmp_path, "cpu", model_cls=WanTransformer3DModel, pin_cpu_memory=False)
     config = json.loads((wan_dir / "config.json").read_text())
     config["num_layers"] = NUM_LAYERS + 1
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -394,10 +419,10 @@ def test_direct_loader_rejects_incomplete_folders(wan_dir, tmp_path):
         (wan_dir / "diffusion_pytorch_model.safetensors").read_bytes()
     )
     with pytest.raises(ModelLoadError, match=rf"missing: blocks\.{NUM_LAYERS}\."):
-        LayerwiseOffloader.from_pretrained(tmp_path, "cpu", pin_cpu_memory=False)
+        layerwise_from_pretrained(tmp_path, "cpu", model_cls=WanTransformer3DModel, pin_cpu_memory=False)
     (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(ModelLoadError, match="not a valid safetensors file"):
-        LayerwiseOffloader.from_pretrained(tmp_path, "cpu", pin_cpu_memory=False)
+        layerwise_from_pretrained(tmp_path, "cpu", model_cls=WanTransformer3DModel, pin_cpu_memory=False)
 
 
 # ------------------------------------------------------------------------------------------------ misuse
@@ -546,7 +571,7 @@ def test_gpu_bit_exact_against_resident_wan_shapes(big_wan_dir, mode):
     torch.cuda.empty_cache()
     mode = dict(mode)
     pin = mode.pop("pin", True)
-    off = LayerwiseOffloader.from_pretrained(big_wan_dir, device, pin_cpu_memory=pin, dtype=torch.bfloat16, **mode)
+    off = layerwise_from_pretrained(big_wan_dir, device, model_cls=WanTransformer3DModel, pin_cpu_memory=pin, dtype=torch.bfloat16, **mode)
     assert off.stats().pinned_bytes == (off.stats().host_bytes if pin else 0)
     for _ in range(3):
         assert bit_equal(forward(off.model, inputs), expected)
@@ -567,7 +592,7 @@ def test_gpu_memory_returns_to_baseline_and_stays_flat(big_wan_dir):
     gc.collect()
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated(device)
-    off = LayerwiseOffloader.from_pretrained(big_wan_dir, device, pin_cpu_memory=True, dtype=torch.bfloat16)
+    off = layerwise_from_pretrained(big_wan_dir, device, model_cls=WanTransformer3DModel, pin_cpu_memory=True, dtype=torch.bfloat16)
     stats = off.stats()
     # Never the full DiT on the GPU: other weights + slots only.
     # (each allocation is rounded up to 512 bytes)

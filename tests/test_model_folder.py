@@ -6,7 +6,11 @@ import shutil
 import pytest
 
 from video_offload.offload import ModelLoadError
-from video_offload.offload.model_folder import inspect_model_folder
+from video_offload.offload.families import open_model
+
+
+def inspect_model_folder(path):
+    return open_model(path)
 
 
 @pytest.fixture
@@ -17,8 +21,8 @@ def model_copy(tiny_t2v, tmp_path):
 
 
 def test_tiny_folder_is_a_valid_t2v_folder(tiny_t2v):
-    folder = inspect_model_folder(tiny_t2v)
-    assert folder.pipeline_class == "WanPipeline" and not folder.image_to_video
+    folder, spec = inspect_model_folder(tiny_t2v)
+    assert folder.pipeline_class == "WanPipeline" and not spec.image_to_video
 
 
 def test_missing_folder(tmp_path):

@@ -60,9 +60,10 @@ def node_env(tiny_t2v, tmp_path_factory):
     baseline = {
         "VideoOffloadLoadModel": dict(model_name="tiny", precision="float32", vae_precision="float32"),
         "VideoOffloadSettings": dict(
-            model=model, mode="manual", num_gpus=1, use_fsdp_inference=False, dit_cpu_offload=True,
+            model=model, num_gpus=1, use_fsdp_inference=False, dit_cpu_offload=True,
             dit_layerwise_offload=True, text_encoder_cpu_offload=True, image_encoder_cpu_offload=True,
             vae_cpu_offload=True, pin_cpu_memory=True, prefetch_depth=1, resident_blocks=0, auto_resident_blocks=False,
+            auto_offload=False,
         ),
         "VideoOffloadEncodePrompt": dict(model=model, prompt="a cat", negative_prompt=""),
         "VideoOffloadSample": dict(
@@ -176,7 +177,7 @@ import resource, signal, sys
 from pathlib import Path
 from video_offload import VideoGenerator
 from video_offload.offload import VideoSaveError
-from video_offload.offload.video_io import save_mp4
+from video_offload.offload.pipeline.video_io import save_mp4
 generator = VideoGenerator.from_pretrained({str(tiny_t2v)!r}, precision="float32")
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))

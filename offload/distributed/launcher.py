@@ -1,7 +1,8 @@
 """Start, watch and stop the torchrun worker group that holds the sharded DiT.
 
-Shaped like vllm's multiproc executor: one request/response primitive to the workers (``sample``), a READY
-handshake after the model is loaded and sharded, a monitor thread that notices a dead or silent worker and fails
+Shaped like vllm's multiproc executor: one request/response primitive to the workers (``call``: a method the model
+family serves, a plain-data payload, one reply, with progress in between), a READY handshake after the model is
+loaded and sharded, a monitor thread that notices a dead or silent worker and fails
 the caller fast, and an idempotent ``shutdown``.
 
 Process tree and how each part ends (no orphans, ever):
@@ -22,7 +23,6 @@ Process tree and how each part ends (no orphans, ever):
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import os
@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ..dtypes import dtype_name
 from ..errors import ConfigError, OffloadOutOfMemoryError, WorkerError
 from .protocol import (
     ENV_ADDRESS,
@@ -69,9 +70,21 @@ LOOPBACK_ENV = {"NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo"}
 """On one machine the collectives' bootstrap sockets stay on the loopback interface (unless the user says else)."""
 
 
-def spec_for(transformer_path: str | Path, dtype: torch.dtype, config: Any, parallel: str = "auto") -> WorkerSpec:
-    """The worker spec for a model folder's DiT and an ``OffloadConfig``. Refuses more GPUs than are visible."""
-    dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+def _family_reference(module_name: str) -> tuple[str, str]:
+    """(module, file) for a worker to import the family: a name relative to this pack when the module is part of it
+    (the pack's own import name differs between ComfyUI and a plain install), else the module's name and file."""
+    root = __name__.rsplit(".offload.distributed.launcher", 1)[0]
+    if module_name.startswith(root + "."):
+        return module_name[len(root) + 1:], ""
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    if not file:
+        raise ConfigError("family", module_name, "cannot be found by the worker processes", "define the model spec in a module file")
+    return module_name, str(Path(file).resolve())
+
+
+def spec_for(model: Any, config: Any, parallel: str = "auto") -> WorkerSpec:
+    """The worker spec for a manager's ``LoadedModel`` and an ``OffloadConfig``. Refuses more GPUs than visible."""
     device = "cpu"
     if torch.cuda.is_available():
         visible = torch.cuda.device_count()
@@ -81,9 +94,14 @@ def spec_for(transformer_path: str | Path, dtype: torch.dtype, config: Any, para
                 f"set num_gpus to at most {visible} (or check CUDA_VISIBLE_DEVICES)",
             )
         device = "cuda"
+    family_module, family_file = _family_reference(model.spec.module)
     return WorkerSpec(
-        transformer_path=str(Path(transformer_path).resolve()),
-        dtype=dtype_name,
+        family_module=family_module,
+        family_file=family_file,
+        spec_name=model.spec.name,
+        source=json.dumps(model.source.describe(), sort_keys=True),
+        components=model.dit_names,
+        dtype=dtype_name(model.dit_dtype),
         num_gpus=config.num_gpus,
         dit_cpu_offload=config.dit_cpu_offload,
         pin_cpu_memory=config.pin_cpu_memory and config.dit_cpu_offload,  # pins nothing otherwise: no restart
@@ -106,19 +124,17 @@ def torchrun_command(spec: WorkerSpec) -> list[str]:
 
 
 class WorkerGroup:
-    """A running torchrun group serving one DiT. Use ``start``/``launch``; call ``shutdown`` when done."""
+    """A running torchrun group serving one model's DiTs. Use ``start``/``launch``; call ``shutdown`` when done."""
 
-    def __init__(self, spec: WorkerSpec, scheduler: tuple[str, dict], oom_advice: str | None = None):
-        from .parallel import ParallelPlan
+    def __init__(self, spec: WorkerSpec, oom_advice: str | None = None, heads: int | None = None):
+        from .fsdp import ParallelPlan
 
         self.spec = spec
-        self.scheduler = scheduler
-        dit_config = json.loads((Path(spec.transformer_path) / "config.json").read_text())
-        self.patch_size = tuple(dit_config.get("patch_size", (1, 2, 2)))
         self.plan = ParallelPlan.choose(spec.num_gpus, spec.parallel)
-        self.plan.check_model(int(dit_config.get("num_attention_heads", 40)))  # before any process starts
+        if heads is not None:
+            self.plan.check_model(heads)  # before any process starts
         self.info: dict[str, Any] = {}
-        """What the READY message reported: plan, weight bytes per rank, block bytes, load time."""
+        """What the READY message reported: plan, weight bytes and shard placement per rank, block bytes, load time."""
         self.last_stats: dict[str, Any] = {}
         """Of the last finished request: seconds per step (rank 0) and peak device bytes per rank."""
         self._runtime = _Runtime(spec, oom_advice)
@@ -131,20 +147,20 @@ class WorkerGroup:
     @staticmethod
     def key_for(model: Any, config: Any) -> WorkerSpec:
         """Equal keys mean the running group can serve this model and config as is."""
-        return spec_for(model.folder.component("transformer"), model.dit_dtype, config)
+        return spec_for(model, config)
 
     @classmethod
     def start(cls, model: Any, config: Any) -> WorkerGroup:
-        """A group for a manager's ``LoadedWan`` and ``OffloadConfig`` (keeps plain data only, never the model)."""
-        from ..memory_guard import oom_advice
+        """A group for a manager's ``LoadedModel`` and ``OffloadConfig`` (keeps plain data only, never the model)."""
+        from ..core.memory_guard import oom_advice
 
-        scheduler = (model.folder.classes["scheduler"], model.folder.read_config("scheduler"))
-        return cls.launch(cls.key_for(model, config), scheduler, oom_advice(config))
+        heads = model.spec.stages.sequence_parallel_heads(model.source.config(model.dit_names[0]))
+        return cls.launch(cls.key_for(model, config), oom_advice(config), heads)
 
     @classmethod
-    def launch(cls, spec: WorkerSpec, scheduler: tuple[str, dict], oom_advice: str | None = None) -> WorkerGroup:
-        """Start torchrun, wait until every rank has loaded its shard; raise ``WorkerError`` if that fails."""
-        group = cls(spec, scheduler, oom_advice)
+    def launch(cls, spec: WorkerSpec, oom_advice: str | None = None, heads: int | None = None) -> WorkerGroup:
+        """Start torchrun, wait until every rank has loaded its shards; raise ``WorkerError`` if that fails."""
+        group = cls(spec, oom_advice, heads)
         try:
             group.info = group._runtime.launch()
         except BaseException:
@@ -157,6 +173,11 @@ class WorkerGroup:
     @property
     def alive(self) -> bool:
         return self._runtime.usable()
+
+    @property
+    def sharded(self) -> tuple[str, ...]:
+        """The components the workers hold."""
+        return self.spec.components
 
     @property
     def pids(self) -> dict[int, int]:
@@ -173,36 +194,24 @@ class WorkerGroup:
 
     # ------------------------------------------------------------ requests
 
-    def sample(self, conditioning: Any, params: Any, noise: torch.Tensor, observer: Any = None) -> torch.Tensor:
-        """Denoise ``noise`` in the group; return the latents on the CPU. Same contract as ``sampling.denoise``:
-        ``observer.before_step``/``after_step`` run here, between the workers' steps; an exception from
+    def call(self, method: str, payload: dict[str, Any], observer: Any = None, total_steps: int = 0) -> Any:
+        """Run the family's worker ``method`` on ``payload`` (plain data: numbers, strings, tensors) in every rank;
+        return rank 0's reply. A method that reports steps (``total_steps`` of them) gets the same contract as
+        ``denoise``: ``observer.before_step``/``after_step`` run here, between the workers' steps; an exception from
         ``before_step`` (ComfyUI's interrupt) stops the workers before that step and is re-raised, and the group
         stays usable."""
         with self._request_lock:
             runtime = self._runtime
             runtime.raise_if_unusable()
-            self.plan.check_video(tuple(noise.shape), self.patch_size)
-            total = params.num_inference_steps
-            if observer is not None:
-                observer.before_step(0, total)
-            request = {
-                "op": "sample",
-                "params": dataclasses.asdict(params),
-                "scheduler_class": self.scheduler[0],
-                "scheduler_config": self.scheduler[1],
-                "noise": noise.contiguous(),
-                "prompt_embeds": conditioning.prompt_embeds.contiguous(),
-                "negative_prompt_embeds": _maybe(conditioning.negative_prompt_embeds),
-                "image_embeds": _maybe(conditioning.image_embeds),
-                "image_condition": _maybe(conditioning.image_condition),
-            }
+            if observer is not None and total_steps:
+                observer.before_step(0, total_steps)
             finished = False
             try:
-                runtime.activity = f"step 1 of {total}"
-                runtime.send(request)
-                latents = self._steps(observer, total)
+                runtime.activity = f"step 1 of {total_steps}" if total_steps else f"{method}"
+                runtime.send({"op": "call", "method": method, "payload": payload})
+                reply = self._steps(observer, total_steps)
                 finished = True
-                return latents
+                return reply
             except (WorkerError, OffloadOutOfMemoryError):
                 finished = True  # the runtime has already stopped the group
                 raise
@@ -215,14 +224,14 @@ class WorkerGroup:
                     # Left mid-protocol (e.g. KeyboardInterrupt while waiting): the group's state is unknown.
                     self.shutdown()
 
-    def _steps(self, observer: Any, total: int) -> torch.Tensor:
+    def _steps(self, observer: Any, total: int) -> Any:
         runtime = self._runtime
         while True:
             message = runtime.next_message()
             op = message["op"]
             if op == "result":
                 self.last_stats = message["stats"]
-                return message["latents"]
+                return message["reply"]
             if op != "progress":
                 self.shutdown()
                 raise WorkerError(f"worker group sent {op!r} where a step's progress was expected", rank=0)
@@ -257,10 +266,6 @@ class _Interrupted(Exception):
     def __init__(self, error: BaseException):
         super().__init__(repr(error))
         self.error = error
-
-
-def _maybe(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.contiguous()
 
 
 _FAILED = object()

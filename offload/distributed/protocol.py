@@ -15,7 +15,8 @@ Security model, in one place:
   file descriptors, which fails between unrelated processes).
 
 Message vocabulary (``op`` field): worker -> parent ``hello``, ``heartbeat``, ``ready``, ``progress``, ``result``,
-``cancelled``, ``error``; parent -> rank 0 ``sample``, ``continue``, ``cancel``, ``shutdown``.
+``cancelled``, ``error``; parent -> rank 0 ``call`` (a method name and a plain-data payload: the one request
+primitive), ``continue``, ``cancel``, ``shutdown``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..dtypes import COMPUTE_DTYPES, compute_dtype
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -49,19 +51,33 @@ ENV_SPEC = "VIDEO_OFFLOAD_WORKER_SPEC"
 
 LOOPBACK = "127.0.0.1"
 HANDSHAKE_TIMEOUT_S = 10.0
-DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PARALLEL_MODES = ("auto", "ulysses", "none")
+"""How ranks share a step's compute: auto (CFG split, then Ulysses), ulysses (sequence only), none (memory only)."""
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker group is launched with. Two equal specs are interchangeable groups (the manager's reuse key)."""
+    """What a worker group is launched with. Two equal specs are interchangeable groups (the manager's reuse key).
 
-    transformer_path: str
-    """The DiT's folder (``<model>/transformer``: config.json and safetensors)."""
+    Plain data only (it travels as JSON in the workers' environment): which family module defines the model, how
+    to reopen the model's source, which DiTs to shard, and the options.
+    """
+
+    family_module: str
+    """The module defining the model spec: a name inside this pack (``offload.families.wan``), or an absolute
+    module name whose file is ``family_file``."""
+    spec_name: str
+    """The ``ModelSpec.name`` within that module's registrations."""
+    source: str
+    """The model source's ``describe()`` as JSON (``weights.open_source`` reopens it)."""
+    components: tuple[str, ...]
+    """The DiTs to shard."""
     dtype: str
     """bfloat16, float16 or float32: as ``from_pretrained(dtype=...)``, ``_keep_in_fp32_modules`` stay float32."""
     num_gpus: int
     """Ranks in the group, over all machines."""
+    family_file: str = ""
+    """Path of the family module when it is not part of this pack (a family registered from outside it)."""
     dit_cpu_offload: bool = False
     """FSDP2 CPU offload: shards live in host memory and are copied in per block."""
     pin_cpu_memory: bool = True
@@ -80,8 +96,8 @@ class WorkerSpec:
     """``host:port`` of the rendezvous when ``nnodes > 1`` (an address the other machines can reach)."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_NAMES:
-            raise ConfigError("dtype", self.dtype, "is not a DiT dtype", f"use one of {', '.join(DTYPE_NAMES)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ConfigError("dtype", self.dtype, "is not a DiT dtype", f"use one of {', '.join(COMPUTE_DTYPES)}")
         if isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int) or self.num_gpus < 1:
             raise ConfigError("num_gpus", self.num_gpus, "must be a positive whole number", "use 2 or more")
         if self.device not in ("cuda", "cpu"):
@@ -99,10 +115,10 @@ class WorkerSpec:
                 "heartbeat_timeout_s", self.heartbeat_timeout_s, "must exceed heartbeat_interval_s",
                 "use e.g. interval 1 s and timeout 10 s",
             )
-        from .parallel import PARALLEL_MODES
-
         if self.parallel not in PARALLEL_MODES:
             raise ConfigError("parallel", self.parallel, "is not a parallel mode", f"use one of {', '.join(PARALLEL_MODES)}")
+        if not self.components:
+            raise ConfigError("components", self.components, "names no DiT to shard", "name the model's DiTs")
 
     @property
     def nproc_per_node(self) -> int:
@@ -110,14 +126,16 @@ class WorkerSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPE_NAMES[self.dtype]
+        return compute_dtype(self.dtype)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> WorkerSpec:
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        fields["components"] = tuple(fields["components"])
+        return cls(**fields)
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -1,4 +1,8 @@
-"""The torchrun entry point: one process per GPU, holding a shard of the Wan DiT, serving the pack's requests.
+"""The torchrun entry point: one process per GPU, holding a shard of a model's DiTs, serving the pack's requests.
+
+Generic: the model family is named in the spec (its module and spec name); the worker imports it, builds the DiTs
+its spec names, applies the family's ``parallelize`` and serves the family's worker methods through one request
+primitive (``call``: a method name and a plain-data payload, answered by one reply).
 
 Run by the launcher as ``python -m torch.distributed.run ... <this file>``. Every rank:
 
@@ -6,7 +10,8 @@ Run by the launcher as ``python -m torch.distributed.run ... <this file>``. Ever
    parent's link (the per-launch secret arrives in the environment), says hello and starts a heartbeat thread that
    also exits the process as soon as the parent is gone;
 2. joins the process group (NCCL on GPUs, gloo on CPU) plus a gloo "control" group for small CPU messages;
-3. builds the DiT on meta, applies FSDP2 and the parallel plan, then reads only its own rows from the files;
+3. builds each DiT on meta, applies the family's parallel plan (FSDP2, CFG/Ulysses), then reads only its own rows
+   from the files;
 4. serves requests. Rank 0 receives them from the parent and broadcasts them on the control group, so ranks on
    other machines (which have no link) follow too. Between steps rank 0 waits for the parent's continue/cancel and
    broadcasts a one-integer flag, so all ranks stop at the same step boundary and none is left in a collective.
@@ -20,8 +25,9 @@ from __future__ import annotations
 
 if __name__ == "__main__" and not __package__:
     # torchrun runs this file by path: ComfyUI loads the pack from a folder whose name need not be importable
-    # (custom_nodes/video-offload), and the pack need not be pip-installed. So register the pack's folder as a
-    # package under a private name and run this module from inside it, where relative imports work.
+    # (custom_nodes/video-offload), and the pack need not be pip-installed. So register the pack's folder as the
+    # package ``video_offload`` and run this module from inside it, where relative imports work - and where a model
+    # family defined outside the pack (imported by file) finds the pack under the name it uses in a plain install.
     import importlib
     import sys
     import types
@@ -29,14 +35,14 @@ if __name__ == "__main__" and not __package__:
 
     _here = Path(__file__).resolve().parent
     if sys.path and Path(sys.path[0] or ".").resolve() == _here:
-        sys.path.pop(0)  # the script's folder would shadow top-level modules with protocol.py, parallel.py, ...
+        sys.path.pop(0)  # the script's folder would shadow top-level modules with protocol.py, fsdp.py, ...
     # Synthetic packages, so neither the pack's __init__ (ComfyUI nodes) nor the engine's (the whole single-process
     # engine) runs here: the worker imports only the modules it uses.
-    for _name, _path in (("_video_offload_worker_pack", _here.parents[1]), ("_video_offload_worker_pack.offload", _here.parent)):
+    for _name, _path in (("video_offload", _here.parents[1]), ("video_offload.offload", _here.parent)):
         _package = types.ModuleType(_name)
         _package.__path__ = [str(_path)]
         sys.modules[_name] = _package
-    sys.exit(importlib.import_module("_video_offload_worker_pack.offload.distributed.worker").main())
+    sys.exit(importlib.import_module("video_offload.offload.distributed.worker").main())
 
 import ctypes  # noqa: E402 - after the bootstrap above, which must run before any relative import
 import datetime  # noqa: E402
@@ -177,8 +183,34 @@ def _kind(error: BaseException) -> str:
     return "error"
 
 
+def load_family_spec(spec: WorkerSpec) -> Any:
+    """The ``ModelSpec`` named in ``spec``: imported from this pack, or from the file of a family defined outside."""
+    import importlib
+    import importlib.util
+
+    from ..core.spec import ModelSpec
+
+    if spec.family_file:
+        if spec.family_module in sys.modules:
+            module = sys.modules[spec.family_module]
+        else:
+            module_spec = importlib.util.spec_from_file_location(spec.family_module, spec.family_file)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[spec.family_module] = module
+            module_spec.loader.exec_module(module)
+    else:
+        root = __name__.rsplit(".offload.distributed.worker", 1)[0]
+        module = importlib.import_module(f"{root}.{spec.family_module}")
+    candidates = list(vars(module).values()) + list(getattr(module, "SPECS", ()))
+    for value in candidates:
+        if isinstance(value, ModelSpec) and value.name == spec.spec_name:
+            return value
+    raise LookupError(f"{spec.family_module} defines no model spec named {spec.spec_name!r}")
+
+
 class Worker:
-    """One rank's model and request loop."""
+    """One rank's models and request loop. Family methods get this object: ``models`` (name -> sharded DiT),
+    ``parallelism`` (name -> ``Parallelism``), ``model_spec``, ``source``, ``device``, ``rank``, ``dtype``."""
 
     def __init__(self, spec: WorkerSpec, rank: int, local_rank: int, link: Link | None):
         self.spec = spec
@@ -186,9 +218,12 @@ class Worker:
         self.local_rank = local_rank
         self.link = link
         self.device = torch.device("cpu")
+        self.dtype = spec.torch_dtype
         self.control = None
-        self.model = None
-        self.parallelism = None
+        self.model_spec: Any = None
+        self.source: Any = None
+        self.models: dict[str, Any] = {}
+        self.parallelism: dict[str, Any] = {}
         self.shutdown_requested = False
         """Rank 0 read a shutdown where it expected a step reply; the loop ends after the step is cancelled."""
 
@@ -204,21 +239,41 @@ class Worker:
         self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
     def _load(self) -> dict[str, Any]:
-        from .parallel import ParallelPlan, parallelize_wan
-        from .shard_loading import build_meta_wan, local_weight_bytes, materialize_shards, unsharded_bytes
+        import json
+
+        from ..weights.diffusers_folder import open_source
+        from .fsdp import ParallelPlan, shard_placement
+        from .shard_loading import local_weight_bytes, materialize_shards, unsharded_bytes
 
         spec = self.spec
         started = time.perf_counter()
+        self.model_spec = load_family_spec(spec)
+        self.source = open_source(json.loads(spec.source))
         plan = ParallelPlan.choose(dist.get_world_size(), spec.parallel)
-        model = build_meta_wan(Path(spec.transformer_path), spec.torch_dtype)
-        plan.check_model(int(model.config.num_attention_heads))
         pin = spec.pin_cpu_memory and self.device.type == "cuda"  # pinning needs a CUDA driver
-        self.parallelism = parallelize_wan(model, plan, self.device, cpu_offload=spec.dit_cpu_offload, pin_memory=pin)
-        mesh = self.parallelism.fsdp_mesh
-        materialize_shards(model, Path(spec.transformer_path), self.device, mesh.get_local_rank(), mesh.size(),
-                           params_on_cpu=spec.dit_cpu_offload)
-        self.model = model.eval()
-        mine = {"weight_bytes": local_weight_bytes(model), "seconds": time.perf_counter() - started,
+        placement, weight_bytes, block_bytes, total_bytes = {}, 0, 0, 0
+        for name in spec.components:
+            component = self.model_spec.component(name)
+            with self.source.weights(component, self.dtype) as weights:
+                model = self.source.empty_model(component, self.dtype)
+                weights.apply_dtypes(model)  # also refuses missing or mis-shaped tensors, naming them
+                model.requires_grad_(False)
+                parallelism = self.model_spec.parallelize(
+                    model, plan, self.device, cpu_offload=spec.dit_cpu_offload, pin_memory=pin
+                )
+                mesh = parallelism.fsdp_mesh
+                materialize_shards(model, weights, self.device, mesh.get_local_rank(), mesh.size(),
+                                   params_on_cpu=spec.dit_cpu_offload)
+            self.models[name] = model.eval()
+            self.parallelism[name] = parallelism
+            placement[name] = shard_placement(model)
+            weight_bytes += local_weight_bytes(model)
+            from ..core.spec import find_block_list
+
+            _, blocks = find_block_list(model)
+            block_bytes = max(block_bytes, max(unsharded_bytes(block) for block in blocks))
+            total_bytes += unsharded_bytes(model) + sum(b.numel() * b.element_size() for b in model.buffers())
+        mine = {"weight_bytes": weight_bytes, "seconds": time.perf_counter() - started, "placement": placement,
                 "device_bytes": torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0}
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine, group=self.control)
@@ -228,9 +283,10 @@ class Worker:
             "plan": plan.describe(),
             "weight_bytes": [e["weight_bytes"] for e in everyone],
             "device_bytes": [e["device_bytes"] for e in everyone],
+            "placement": [e["placement"] for e in everyone],
             "load_seconds": max(e["seconds"] for e in everyone),
-            "block_bytes": max(unsharded_bytes(block) for block in model.blocks),
-            "total_bytes": unsharded_bytes(model) + sum(b.numel() * b.element_size() for b in model.buffers()),
+            "block_bytes": block_bytes,
+            "total_bytes": total_bytes,
         }
 
     # ------------------------------------------------------------------ loop
@@ -247,8 +303,8 @@ class Worker:
                 continue
             if op == "shutdown":
                 break
-            if op == "sample":
-                self._sample(request)
+            if op == "call":
+                self._call(request["method"], request["payload"])
             else:
                 raise ValueError(f"unknown request {op!r}")
         dist.destroy_process_group()
@@ -269,27 +325,15 @@ class Worker:
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
-    def _sample(self, request: dict[str, Any]) -> None:
-        from ..config import SamplingParams
-        from ..loading import make_scheduler
-        from ..sampling import Conditioning, denoise
-        from .parallel import ParallelNoisePredictor
-
-        params = SamplingParams(**request["params"])
-        scheduler = make_scheduler(request["scheduler_class"], request["scheduler_config"], params.flow_shift)
-        conditioning = Conditioning(
-            prompt_embeds=request["prompt_embeds"],
-            negative_prompt_embeds=request.get("negative_prompt_embeds"),
-            image_embeds=request.get("image_embeds"),
-            image_condition=request.get("image_condition"),
-        )
-        noise = request["noise"]
-        predictor = ParallelNoisePredictor(self.model, conditioning, self.device, self.spec.torch_dtype, self.parallelism)
+    def _call(self, method_name: str, payload: dict[str, Any]) -> None:
+        method = self.model_spec.worker_methods.get(method_name)
+        if method is None:
+            raise ValueError(f"{self.model_spec.name} serves no method {method_name!r}")
         steps = Lockstep(self)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            latents = denoise(predictor, scheduler, params, noise, self.device, steps)
+            reply = method(self, payload, steps)
         except StepCancelled as stop:
             if self.rank == 0:
                 self.link.send({"op": "cancelled", "step": stop.args[0]})
@@ -299,7 +343,7 @@ class Worker:
         dist.all_gather_object(peaks, peak, group=self.control)
         if self.rank == 0:
             stats = {"step_seconds": steps.seconds, "peak_bytes": peaks}
-            self.link.send({"op": "result", "latents": latents, "stats": stats})
+            self.link.send({"op": "result", "reply": reply, "stats": stats})
 
 
 class Lockstep:

@@ -13,11 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import SamplingParams
-from .errors import ConfigError
-
-VAE_SCALE_TEMPORAL = 4
-VAE_SCALE_SPATIAL = 8
+from ...config import SamplingParams
+from ...core.spec import LatentSpace
+from ...errors import ConfigError
 
 
 def to_pil(image: Any, field: str = "image"):
@@ -59,25 +57,25 @@ def encode_image_embeds(image_processor: Any, image_encoder: torch.nn.Module, im
 
 
 @torch.no_grad()
-def image_condition_latents(vae: torch.nn.Module, image, params: SamplingParams, device: torch.device) -> torch.Tensor:
-    """``[1, 4 + z_dim, T, h, w]`` float32: the first-frame mask and the normalised VAE latents of the image video."""
+def image_condition_latents(
+    vae: torch.nn.Module, image, params: SamplingParams, space: LatentSpace, device: torch.device
+) -> torch.Tensor:
+    """``[1, t + channels, T, h, w]`` float32: the first-frame mask and the normalised VAE latents of the image video."""
     from diffusers.video_processor import VideoProcessor
 
     height, width, num_frames = params.height, params.width, params.num_frames
-    pixels = VideoProcessor(vae_scale_factor=VAE_SCALE_SPATIAL).preprocess(image, height=height, width=width)
+    temporal, spatial = space.temporal_factor, space.spatial_factor
+    pixels = VideoProcessor(vae_scale_factor=spatial).preprocess(image, height=height, width=width)
     pixels = pixels.to(device, dtype=torch.float32).unsqueeze(2)
     video = torch.cat([pixels, pixels.new_zeros(1, pixels.shape[1], num_frames - 1, height, width)], dim=2)
     dtype = next(vae.parameters()).dtype
     latent = vae.encode(video.to(dtype)).latent_dist.mode().to(torch.float32)
-    z_dim = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latent.device, torch.float32)
-    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latent.device, torch.float32)
-    latent = (latent - mean) * inverse_std
+    latent = space.from_raw(latent)
 
-    latent_h, latent_w = height // VAE_SCALE_SPATIAL, width // VAE_SCALE_SPATIAL
+    latent_h, latent_w = height // spatial, width // spatial
     mask = torch.ones(1, 1, num_frames, latent_h, latent_w)
     mask[:, :, 1:] = 0
-    first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=VAE_SCALE_TEMPORAL)
+    first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=temporal)
     mask = torch.cat([first, mask[:, :, 1:]], dim=2)
-    mask = mask.view(1, -1, VAE_SCALE_TEMPORAL, latent_h, latent_w).transpose(1, 2).to(latent.device)
+    mask = mask.view(1, -1, temporal, latent_h, latent_w).transpose(1, 2).to(latent.device)
     return torch.cat([mask, latent], dim=1).cpu()

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .config import OffloadConfig
-from .errors import OffloadOutOfMemoryError
+from ..config import OffloadConfig
+from ..errors import OffloadOutOfMemoryError
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +24,18 @@ class BudgetExceeded(torch.OutOfMemoryError):
 
 def oom_advice(config: OffloadConfig) -> str:
     """The seed's recommended next step for this configuration."""
-    option = config.next_option_to_enable()
-    if option is None:
+    step = config.next_step_to_enable()
+    if step is None:
         return (
             "Every offload option is already on. Fix: lower num_frames or the resolution, or use more GPUs "
             "(num_gpus with use_fsdp_inference)."
         )
-    if option == "use_fsdp_inference":
+    if step == ("use_fsdp_inference",):
         return "Fix: enable use_fsdp_inference (with dit_layerwise_offload=False) to shard the DiT over the GPUs."
-    if option in ("image_encoder_cpu_offload", "vae_cpu_offload"):
-        return "Fix: enable image_encoder_cpu_offload and vae_cpu_offload (the next step of the recommended order)."
-    if option == "dit_layerwise_offload":
-        return "Fix: enable dit_layerwise_offload (the first step of the recommended order on one GPU)."
-    return f"Fix: enable {option} (the next step of the recommended order)."
+    names = " and ".join(name for name in step)
+    first = config.recommended_steps()[0] == step
+    which = "the first step of the recommended order on one GPU" if first else "the next step of the recommended order"
+    return f"Fix: enable {names} ({which})."
 
 
 def device_memory(device: torch.device) -> tuple[int | None, int | None]:

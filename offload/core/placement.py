@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .host_memory import FlatLayout, HostArena
+from .tensors import named_tensors, rebind_named
 
 logger = logging.getLogger(__name__)
 
@@ -28,31 +29,6 @@ class Placement(enum.Enum):
     FSDP = "fsdp (sharded over workers)"
 
 
-def module_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Every parameter and buffer, each shared tensor once (tied embeddings appear under their first name)."""
-    seen: set[int] = set()
-    named: list[tuple[str, torch.Tensor]] = []
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            named.append((name, tensor))
-    return named
-
-
-def tensor_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for _, t in module_tensors(module))
-
-
-def _set_tensor(module: nn.Module, name: str, data: torch.Tensor) -> None:
-    """Point the named parameter or buffer at ``data`` without creating a new Parameter (keeps ties and hooks)."""
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    if leaf in owner._parameters:
-        owner._parameters[leaf].data = data
-    else:
-        owner._buffers[leaf] = data
-
-
 class ModulePlacer:
     """Owns one module's host master copy (one flat arena, pinned if asked) and its optional device copy.
 
@@ -65,13 +41,13 @@ class ModulePlacer:
         self.name = name
         self.module = module
         self.pin_requested = pin
-        named = module_tensors(module)
+        named = named_tensors(module)
         self.layout = FlatLayout.of(named)
         self.arena = HostArena(self.layout.nbytes, pin=pin)
         for slot, (tensor_name, tensor) in zip(self.layout.slots, named):
             view = slot.view_into(self.arena.buffer)
             view.copy_(tensor.detach())
-            _set_tensor(module, tensor_name, view)
+            rebind_named(module, tensor_name, view)
         self.device_buffer: torch.Tensor | None = None
 
     @property
@@ -92,16 +68,25 @@ class ModulePlacer:
             # are queued after it on the same stream, so no synchronisation is needed.
             buffer.copy_(self.arena.buffer, non_blocking=self.arena.pinned)
             for slot in self.layout.slots:
-                _set_tensor(self.module, slot.name, slot.view_into(buffer))
+                rebind_named(self.module, slot.name, slot.view_into(buffer))
             self.device_buffer = buffer
         return self.module
+
+    def holds_device_copy(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s memory is inside this module's device copy (what a test asks to tell, on a CPU-only
+        machine, a module that runs from its device copy from one that runs from host memory)."""
+        buffer = self.device_buffer
+        if buffer is None or tensor.device != buffer.device:
+            return False
+        start = buffer.data_ptr()
+        return start <= tensor.data_ptr() < start + buffer.numel()
 
     def to_host(self) -> None:
         """Point the module back at its host copy and drop the device copy. Idempotent."""
         if self.device_buffer is None:
             return
         for slot in self.layout.slots:
-            _set_tensor(self.module, slot.name, slot.view_into(self.arena.buffer))
+            rebind_named(self.module, slot.name, slot.view_into(self.arena.buffer))
         self.device_buffer = None
 
     def close(self) -> None:

@@ -1,4 +1,6 @@
-"""How the Wan DiT is spread over the worker group: FSDP2 for memory, CFG and Ulysses parallelism for speed.
+"""How a DiT is spread over the worker group: FSDP2 for memory, CFG and Ulysses parallelism for speed.
+
+The generic pieces; a family's ``parallelize_<model>`` (e.g. ``families/wan/parallelize.py``) only orders them.
 
 The mesh. ``world = cfg x sp``:
 
@@ -30,12 +32,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..core.denoise import BranchPredictor
+from ..core.spec import find_block_list
 from ..errors import ConfigError
-from ..sampling import Conditioning, DiTNoisePredictor
+from .protocol import PARALLEL_MODES
 
 logger = logging.getLogger(__name__)
-
-PARALLEL_MODES = ("auto", "ulysses", "none")
 
 
 @dataclass(frozen=True)
@@ -69,20 +71,13 @@ class ParallelPlan:
                 f"divides {num_heads}",
             )
 
-    def check_video(self, latent_shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> None:
+    def check_video(self, tokens: int, describe: str, fix: str) -> None:
         """Ulysses splits the video's tokens evenly over ``sp`` ranks (diffusers' even split; its uneven mode
         needs collectives of unequal sizes, which gloo lacks and which the pack does not test on NCCL)."""
-        if self.sp == 1:
-            return
-        _, _, frames, height, width = latent_shape
-        p_t, p_h, p_w = patch_size
-        tokens = (frames // p_t) * (height // p_h) * (width // p_w)
-        if tokens % self.sp:
+        if self.sp > 1 and tokens % self.sp:
             raise ConfigError(
-                "size", f"{frames} latent frames x {height * 8}x{width * 8}",
-                f"gives {tokens} video tokens, which do not split evenly over {self.sp} sequence-parallel GPUs",
-                f"pick height and width such that (height/16) x (width/16) x latent frames is a multiple of "
-                f"{self.sp} (480x832 and 720x1280 are)",
+                "size", describe,
+                f"gives {tokens} video tokens, which do not split evenly over {self.sp} sequence-parallel GPUs", fix,
             )
 
     @property
@@ -101,8 +96,8 @@ class ParallelPlan:
 
 
 @dataclass
-class WanParallelism:
-    """What ``parallelize_wan`` set up, kept for the noise predictor."""
+class Parallelism:
+    """What a family's ``parallelize`` set up, kept for the noise prediction."""
 
     plan: ParallelPlan
     fsdp_mesh: Any
@@ -128,8 +123,9 @@ def build_meshes(plan: ParallelPlan, device_type: str) -> tuple[Any, Any | None]
     return fsdp_mesh, compute_mesh
 
 
-def apply_fsdp(model: nn.Module, mesh: Any, cpu_offload: bool, pin_memory: bool) -> None:
-    """FSDP2 per block, on the condition embedder, then the root; each unit prefetches the next one's gather.
+def apply_fsdp(model: nn.Module, mesh: Any, *, cpu_offload: bool, pin_memory: bool, extra_units: list[nn.Module] = ()) -> None:
+    """FSDP2 per repeated block (``_repeated_blocks``), on each of ``extra_units``, then the root; each unit
+    prefetches the next one's gather.
 
     No ``MixedPrecisionPolicy``: the weights are already in the dtypes ``from_pretrained`` gives them (float32 for
     ``_keep_in_fp32_modules``), and compute must stay in those dtypes to match the single-process model.
@@ -137,18 +133,37 @@ def apply_fsdp(model: nn.Module, mesh: Any, cpu_offload: bool, pin_memory: bool)
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     policy = CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else OffloadPolicy()
-    blocks = list(model.blocks)
+    _, block_list = find_block_list(model)
+    blocks = list(block_list)
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True, offload_policy=policy)
-    # The condition embedder (~0.2B parameters on 14B) runs once, before the blocks: as its own unit it is freed
-    # before the first block instead of staying gathered with the root for the whole forward.
-    fully_shard(model.condition_embedder, mesh=mesh, reshard_after_forward=True, offload_policy=policy)
+    # Units that run once before the blocks (an embedder) as their own unit are freed before the first block
+    # instead of staying gathered with the root for the whole forward.
+    for unit in extra_units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True, offload_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=True, offload_policy=policy)
     # Explicit forward prefetch: issue the next unit's all-gather (and with CPU offload its host-to-device copy)
     # before this unit's compute, so communication overlaps compute. Costs one extra gathered block at a time.
-    model.condition_embedder.set_modules_to_forward_prefetch(blocks[:1])
+    for unit in extra_units:
+        unit.set_modules_to_forward_prefetch(blocks[:1])
     for current, following in zip(blocks, blocks[1:]):
         current.set_modules_to_forward_prefetch([following])
+
+
+def shard_placement(model: nn.Module) -> dict[str, Any]:
+    """Where this rank's shards live and under which FSDP offload policy (the placement the workers report)."""
+    from torch.distributed.tensor import DTensor
+
+    devices = sorted({(p.to_local() if isinstance(p, DTensor) else p).device.type for p in model.parameters()})
+    _, blocks = find_block_list(model)
+    state = blocks[0]._get_fsdp_state()
+    group = state._fsdp_param_group
+    policy = type(group.offload_policy).__name__ if group is not None else "none"
+    pinned = False
+    if group is not None and group.fsdp_params:
+        local = group.fsdp_params[0].sharded_param.to_local()
+        pinned = bool(local.is_pinned()) if local.device.type == "cpu" else False
+    return {"shard_devices": devices, "offload_policy": policy, "pinned": pinned}
 
 
 def apply_sequence_parallel(model: nn.Module, compute_mesh: Any, rank: int, world_size: int, device: torch.device) -> Any:
@@ -156,7 +171,7 @@ def apply_sequence_parallel(model: nn.Module, compute_mesh: Any, rank: int, worl
 
     This is what ``ModelMixin.enable_parallelism`` does, minus its device lookup (``rank % accelerator count``, a
     division by zero on CPU-only machines, where the CI runs this path with gloo) - it records the config on the
-    attention processors, then installs the split/gather hooks named by ``WanTransformer3DModel._cp_plan``.
+    attention processors, then installs the split/gather hooks named by the model's own ``_cp_plan``.
     """
     from diffusers.hooks.context_parallel import apply_context_parallel
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
@@ -180,46 +195,42 @@ def apply_sequence_parallel(model: nn.Module, compute_mesh: Any, rank: int, worl
     return cp_config
 
 
-def parallelize_wan(
-    model: nn.Module, plan: ParallelPlan, device: torch.device, *, cpu_offload: bool, pin_memory: bool
-) -> WanParallelism:
-    """Apply the plan to a meta-device Wan DiT (weights are loaded after, into the shards). Order matters only in
-    that everything happens before ``to_empty``: the sequence split hooks wrap ``forward`` and FSDP uses module
-    hooks, so the two compose either way."""
+def parallelize(
+    model: nn.Module, plan: ParallelPlan, device: torch.device, *, cpu_offload: bool, pin_memory: bool,
+    extra_units: list[nn.Module] = (),
+) -> Parallelism:
+    """Apply the plan to a meta-device DiT (weights are loaded after, into the shards): Ulysses through the model's
+    ``_cp_plan`` when the plan splits the sequence, then FSDP. Everything happens before ``to_empty``: the sequence
+    split hooks wrap ``forward`` and FSDP uses module hooks, so the two compose either way."""
     rank = dist.get_rank()
     fsdp_mesh, compute_mesh = build_meshes(plan, device.type)
     cp_config = None
     if plan.sp > 1:
         cp_config = apply_sequence_parallel(model, compute_mesh, rank, plan.world_size, device)
-    apply_fsdp(model, fsdp_mesh, cpu_offload=cpu_offload, pin_memory=pin_memory)
+    apply_fsdp(model, fsdp_mesh, cpu_offload=cpu_offload, pin_memory=pin_memory, extra_units=extra_units)
     cfg_group, cfg_rank = None, 0
     if plan.cfg > 1:
         cfg_group, cfg_rank = compute_mesh["cfg"].get_group(), compute_mesh["cfg"].get_local_rank()
-    return WanParallelism(plan, fsdp_mesh, compute_mesh, cfg_group, cfg_rank, cp_config)
+    return Parallelism(plan, fsdp_mesh, compute_mesh, cfg_group, cfg_rank, cp_config)
 
 
-class ParallelNoisePredictor(DiTNoisePredictor):
-    """``DiTNoisePredictor`` with the CFG pair split over the mesh's cfg dimension.
+def cfg_parallel_prediction(
+    predictor: BranchPredictor, latents: torch.Tensor, timestep: torch.Tensor, scale: float, parallelism: Parallelism
+) -> torch.Tensor:
+    """Classifier-free guidance with the two branches on the two halves of the mesh's cfg dimension.
 
     The guided prediction is computed with exactly the single-process expression, in the model's dtype, from the
-    two gathered predictions, so every rank holds the same tensor and steps its scheduler identically.
+    two gathered predictions, so every rank holds the same tensor and steps its scheduler identically. With
+    guidance off, both halves run the conditional pass: a half with no forward would leave the other hanging in
+    FSDP's all-gathers.
     """
+    from ..core.denoise import guided_prediction
 
-    def __init__(self, transformer: nn.Module, conditioning: Conditioning, device: torch.device, dtype: torch.dtype,
-                 parallelism: WanParallelism):
-        super().__init__(transformer, conditioning, device, dtype)
-        self.parallelism = parallelism
-
-    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        guided = guidance_scale > 1.0 and self.uncond is not None
-        if not (guided and self.parallelism.plan.cfg == 2):
-            return super().__call__(latents, timestep, guidance_scale)
-        latent_input = latents.to(self.dtype)
-        if self.image_condition is not None:
-            latent_input = torch.cat([latent_input, self.image_condition], dim=1)
-        text = self.cond if self.parallelism.cfg_rank == 0 else self.uncond
-        mine = self._forward(latent_input, timestep, text).contiguous()
-        both = [torch.empty_like(mine) for _ in range(2)]
-        dist.all_gather(both, mine, group=self.parallelism.cfg_group)
-        noise_pred, noise_uncond = both
-        return noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+    guided = scale > 1.0 and predictor.has_uncond
+    if not (guided and parallelism.plan.cfg == 2):
+        return guided_prediction(predictor, latents, timestep, scale)
+    mine = predictor(latents, timestep, "cond" if parallelism.cfg_rank == 0 else "uncond").contiguous()
+    both = [torch.empty_like(mine) for _ in range(2)]
+    dist.all_gather(both, mine, group=parallelism.cfg_group)
+    noise_pred, noise_uncond = both
+    return noise_uncond + scale * (noise_pred - noise_uncond)

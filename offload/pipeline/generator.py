@@ -15,24 +15,23 @@ from typing import Any
 
 import numpy as np
 
-from .config import OffloadConfig, SamplingParams
-from .errors import VideoSaveError
-from .loading import Precision
-from .manager import OffloadManager
-from .sampling import StepObserver
+from ..config import OffloadConfig, Precision, SamplingParams, make_offload_config
+from ..core.denoise import StepObserver
+from ..core.manager import OffloadManager
+from ..errors import VideoSaveError
+from .stages import check_params_for_model, decode_video, encode_prompts, load_model, sample_latents
 from .video_io import save_mp4, validate_fps
-from .wan_steps import check_params_for_model, decode_video, encode_prompts, sample_latents
 
 logger = logging.getLogger(__name__)
 
 
 class VideoGenerator:
-    """A loaded Wan2.1 model plus its offload configuration."""
+    """A loaded model plus its offload configuration."""
 
     def __init__(self, model_path: str | Path, config: OffloadConfig, precision: Precision, manager: OffloadManager):
         self.config = config
         self.manager = manager
-        self.model = manager.load(model_path, precision)
+        self.model = load_model(manager, model_path, precision)
 
     @classmethod
     def from_pretrained(
@@ -40,35 +39,18 @@ class VideoGenerator:
         model_path: str | Path,
         num_gpus: int = 1,
         *,
-        use_fsdp_inference: bool = False,
-        dit_cpu_offload: bool = True,
-        dit_layerwise_offload: bool = True,
-        text_encoder_cpu_offload: bool = True,
-        image_encoder_cpu_offload: bool = True,
-        vae_cpu_offload: bool = True,
-        pin_cpu_memory: bool = True,
-        prefetch_depth: int = 1,
-        resident_blocks: int | str = 0,
-        auto_offload: bool = False,
         precision: str = "auto",
         vae_precision: str = "float32",
         device: str | None = None,
         manager: OffloadManager | None = None,
+        **options: Any,
     ) -> VideoGenerator:
-        """Check the options and the model folder (fast: no weights are read until the first generation)."""
-        config = OffloadConfig(
-            num_gpus=num_gpus,
-            use_fsdp_inference=use_fsdp_inference,
-            dit_cpu_offload=dit_cpu_offload,
-            dit_layerwise_offload=dit_layerwise_offload,
-            text_encoder_cpu_offload=text_encoder_cpu_offload,
-            image_encoder_cpu_offload=image_encoder_cpu_offload,
-            vae_cpu_offload=vae_cpu_offload,
-            pin_cpu_memory=pin_cpu_memory,
-            prefetch_depth=prefetch_depth,
-            resident_blocks=resident_blocks,  # type: ignore[arg-type]
-            auto_offload=auto_offload,
-        )
+        """Check the options and the model folder (fast: no weights are read until the first generation).
+
+        ``options`` are the offload options of ``OffloadConfig`` by name (FastVideo's seven, plus
+        ``prefetch_depth``, ``resident_blocks`` and ``auto_offload``); an unknown name is refused.
+        """
+        config = make_offload_config(num_gpus=num_gpus, **options)
         return cls(model_path, config, Precision(dit=precision, vae=vae_precision), manager or OffloadManager(device))
 
     def generate_video(

@@ -8,8 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import OffloadConfig, SamplingParams
-from .errors import VideoOffloadError
+from ..config import PRECISIONS, SamplingParams, option_specs
+from ..errors import VideoOffloadError
 
 DEMO_SETTINGS = dict(height=256, width=256, num_frames=17, num_inference_steps=8)
 """The demo's size: a tiny random model renders this in seconds on two CPU cores."""
@@ -22,6 +22,15 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,35 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=int, default=16)
     gen.add_argument("--no-save", action="store_true", help="do not write the .mp4")
     offload = gen.add_argument_group("offload options (FastVideo's names and defaults)")
-    config_defaults = OffloadConfig()
-    offload.add_argument("--num-gpus", type=int, default=config_defaults.num_gpus)
-    for name in (
-        "use_fsdp_inference",
-        "dit_cpu_offload",
-        "dit_layerwise_offload",
-        "text_encoder_cpu_offload",
-        "image_encoder_cpu_offload",
-        "vae_cpu_offload",
-        "pin_cpu_memory",
-    ):
-        offload.add_argument(
-            "--" + name.replace("_", "-"),
-            type=_bool,
-            nargs="?",
-            const=True,
-            default=getattr(config_defaults, name),
-            metavar="BOOL",
-            help=f"default {getattr(config_defaults, name)}",
-        )
-    offload.add_argument("--prefetch-depth", type=int, default=config_defaults.prefetch_depth)
-    offload.add_argument(
-        "--resident-blocks", default="0", help='layerwise: DiT blocks kept on the GPU, or "auto" (default 0)'
-    )
-    offload.add_argument(
-        "--auto-offload", type=_bool, nargs="?", const=True, default=False, metavar="BOOL",
-        help="walk the recommended order by itself on out-of-memory (ignores the seven options)",
-    )
-    offload.add_argument("--precision", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    for spec in option_specs():  # one declaration: OffloadConfig's fields
+        if spec.kind == "bool":
+            offload.add_argument(spec.flag, type=_bool, nargs="?", const=True, default=spec.default, metavar="BOOL",
+                                 help=f"{spec.doc} (default {spec.default})")
+        else:
+            offload.add_argument(spec.flag, type=_int_or_auto if spec.auto else int, default=spec.default,
+                                 metavar='N|auto' if spec.auto else "N", help=f"{spec.doc} (default {spec.default})")
+    offload.add_argument("--precision", default="auto", choices=PRECISIONS)
     offload.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     return parser
 
@@ -85,30 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {k: getattr(args, k) for k in ("height", "width", "num_frames", "num_inference_steps", "seed")}
     try:
         if args.demo:
-            from .tiny_model import build_tiny_wan
+            from ..families.wan.tiny import build_tiny_wan
 
             model_path = build_tiny_wan(Path(tempfile.mkdtemp(prefix="video_offload_demo_")) / "tiny-wan2.1-t2v")
             sizes = {k: (DEMO_SETTINGS.get(k) if v is None else v) for k, v in sizes.items()}
         else:
             model_path = Path(args.model_path)
         sizes = {k: v for k, v in sizes.items() if v is not None}
-        resident = args.resident_blocks if args.resident_blocks == "auto" else int(args.resident_blocks)
-        generator = VideoGenerator.from_pretrained(
-            model_path,
-            num_gpus=args.num_gpus,
-            use_fsdp_inference=args.use_fsdp_inference,
-            dit_cpu_offload=args.dit_cpu_offload,
-            dit_layerwise_offload=args.dit_layerwise_offload,
-            text_encoder_cpu_offload=args.text_encoder_cpu_offload,
-            image_encoder_cpu_offload=args.image_encoder_cpu_offload,
-            vae_cpu_offload=args.vae_cpu_offload,
-            pin_cpu_memory=args.pin_cpu_memory,
-            prefetch_depth=args.prefetch_depth,
-            resident_blocks=resident,
-            auto_offload=args.auto_offload,
-            precision=args.precision,
-            device=args.device,
-        )
+        options = {spec.name: getattr(args, spec.name) for spec in option_specs()}
+        generator = VideoGenerator.from_pretrained(model_path, precision=args.precision, device=args.device, **options)
         frames = generator.generate_video(
             args.prompt,
             negative_prompt=args.negative_prompt,

@@ -1,12 +1,13 @@
 """The offload manager: the one object that knows, and decides, where every weight is.
 
 Nodes and the Python API never move weights themselves; they ask the manager for a component "in use" for a
-stage, and the manager places it according to the ``OffloadConfig`` and releases it afterwards. That keeps the
-rules (and the log line of every placement decision) in one place.
+stage, and the manager places it by its role (text encoder, image encoder, VAE, DiT) according to the
+``OffloadConfig``, and releases it afterwards. That keeps the rules (and the log line of every placement decision)
+in one place.
 
-The manager keeps only weak references to models: whoever holds a ``LoadedWan`` (a ``VideoGenerator``, or
-ComfyUI's output cache through a node's output) keeps it alive, and when the last holder lets go its device
-copies and pinned memory are freed.
+The manager keeps only weak references to models: whoever holds a ``LoadedModel`` (a ``VideoGenerator``, or
+ComfyUI's output cache through a node's output) keeps it alive, and when the last holder lets go its device copies
+and pinned memory are freed.
 """
 
 from __future__ import annotations
@@ -17,27 +18,32 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import loading
+from ..config import OffloadConfig, Precision
+from ..dtypes import resolve_precision
+from ..errors import OffloadOutOfMemoryError
 from .auto_offload import config_at_level, describe, levels_for
-from .config import OffloadConfig
-from .errors import OffloadOutOfMemoryError
-from .loaded_model import LoadedWan
+from .layerwise import LayerwiseOffloader
+from .loaded_model import LoadedModel
 from .memory_guard import BudgetExceeded, oom_guard
-from .model_folder import inspect_model_folder
-from .placement import ModulePlacer, Placement, tensor_bytes
+from .placement import ModulePlacer, Placement
+from .spec import ModelSource, ModelSpec, Role, find_block_list
+from .tensors import tensor_bytes
 
 logger = logging.getLogger(__name__)
 
-PROMPT_CACHE_SIZE = 16
-
 MakeRoom = Callable[[int, torch.device], None]
 """Asks the host application to free ``bytes`` on ``device`` (ComfyUI: unload its own models)."""
+
+OFFLOAD_OPTION_OF_ROLE = {
+    Role.TEXT_ENCODER: "text_encoder_cpu_offload",
+    Role.IMAGE_ENCODER: "image_encoder_cpu_offload",
+    Role.VAE: "vae_cpu_offload",
+}
 
 
 def default_device() -> torch.device:
@@ -55,8 +61,18 @@ class PlacementRecord:
     device: str
 
 
+@dataclass(frozen=True)
+class UseRecord:
+    """Where a component was when a stage used it (``OffloadManager.history``: what tests and logs check)."""
+
+    model: str
+    component: str
+    placement: Placement
+    device: str
+
+
 class OffloadManager:
-    """Loads Wan models into host memory and places their components on the compute device per stage.
+    """Registers models and places their components on the compute device per stage.
 
     ``make_room`` is called before large weights are placed on the device, so a host application can free what
     it holds there. ``memory_budget`` caps the bytes of weights this manager keeps on the device; placing beyond
@@ -72,60 +88,45 @@ class OffloadManager:
         self.device = torch.device(device) if device is not None else default_device()
         self.make_room = make_room
         self.memory_budget = memory_budget
-        self._models: weakref.WeakValueDictionary[tuple, LoadedWan] = weakref.WeakValueDictionary()
+        self._models: weakref.WeakValueDictionary[tuple, LoadedModel] = weakref.WeakValueDictionary()
         self._lock = threading.RLock()
         self._logged: set[str] = set()
+        self.history: list[UseRecord] = []
+        """The last uses of components (bounded), newest last."""
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, path: str | Path, precision: loading.Precision = loading.Precision()) -> LoadedWan:
-        """Check the folder and register it; components are read from disk when first used."""
-        folder = inspect_model_folder(path)
-        key = (str(folder.path.resolve()), precision)
+    def register(self, source: ModelSource, spec: ModelSpec, precision: Precision = Precision()) -> LoadedModel:
+        """Register a checked model; components are read from disk when first used."""
+        key = (source.identity, spec.name, precision)
         with self._lock:
             model = self._models.get(key)
             if model is None:
-                model = LoadedWan(
-                    folder=folder,
-                    precision=precision,
-                    dit_dtype=loading.resolve_dtype(precision.dit, self.device),
-                    vae_dtype=loading.DTYPES[precision.vae],
-                )
+                dtypes = {}
+                for component in spec.components:
+                    if component.precision == "dit":
+                        dtypes[component.name] = resolve_precision(precision.dit, self.device)
+                    elif component.precision == "vae":
+                        dtypes[component.name] = resolve_precision(precision.vae, self.device)
+                model = LoadedModel(source=source, spec=spec, precision=precision, dtypes=dtypes)
                 self._models[key] = model
-                logger.info("registered model %s (%s)", folder.path, folder.pipeline_class)
+                logger.info("registered model %s (%s)", source.name, spec.name)
             return model
 
-    def _component(self, model: LoadedWan, name: str) -> Any:
+    def component(self, model: LoadedModel, name: str) -> Any:
+        """Component ``name`` in host memory, loaded on first use (the whole module; DiTs that stream or shard are
+        loaded by their offloader or workers instead)."""
         with self._lock:
             if name not in model.components:
-                folder = model.folder
-                loaders = {
-                    "transformer": lambda: loading.load_transformer(folder, model.dit_dtype),
-                    "text_encoder": lambda: loading.load_text_encoder(folder, model.dit_dtype),
-                    "tokenizer": lambda: loading.load_tokenizer(folder),
-                    "vae": lambda: loading.load_vae(folder, model.vae_dtype),
-                    "image_encoder": lambda: loading.load_image_encoder(folder, model.vae_dtype),
-                    "image_processor": lambda: loading.load_image_processor(folder),
-                    "scheduler": lambda: loading.load_scheduler_config(folder),
-                }
-                obj = loaders[name]()
+                obj = model.source.load(model.spec.component(name), model.dtypes.get(name))
                 model.components[name] = obj
                 if isinstance(obj, nn.Module):
                     logger.info("loaded %s/%s into host memory (%.2f GiB)", model.name, name, tensor_bytes(obj) / 2**30)
             return model.components[name]
 
-    def tokenizer(self, model: LoadedWan) -> Any:
-        return self._component(model, "tokenizer")
-
-    def scheduler_config(self, model: LoadedWan) -> tuple[str, dict]:
-        return self._component(model, "scheduler")
-
-    def image_processor(self, model: LoadedWan) -> Any:
-        return self._component(model, "image_processor")
-
     # ------------------------------------------------------------ configuration
 
-    def effective_config(self, model: LoadedWan, config: OffloadConfig) -> OffloadConfig:
+    def effective_config(self, model: LoadedModel, config: OffloadConfig) -> OffloadConfig:
         """``config`` itself, or with ``auto_offload`` the options of the level this model has reached."""
         if not config.auto_offload:
             return config
@@ -133,7 +134,7 @@ class OffloadManager:
         self._log_once(f"{model.name}: auto offload uses {describe(levels_for(config)[model.auto_level])}")
         return effective
 
-    def escalate(self, model: LoadedWan, config: OffloadConfig, error: OffloadOutOfMemoryError) -> bool:
+    def escalate(self, model: LoadedModel, config: OffloadConfig, error: OffloadOutOfMemoryError) -> bool:
         """After an OOM in auto mode: move to the next level of the recommended order. False when none is left."""
         levels = levels_for(config)
         if not config.auto_offload or model.auto_level + 1 >= len(levels):
@@ -149,17 +150,17 @@ class OffloadManager:
 
     # ---------------------------------------------------------------- placement
 
-    def _placer(self, model: LoadedWan, name: str, pin: bool) -> ModulePlacer:
+    def _placer(self, model: LoadedModel, name: str, pin: bool) -> ModulePlacer:
         placers = model.resources.placers
         placer = placers.get(name)
         if placer is None or placer.pin_requested != pin:
             if placer is not None:
                 placer.close()
-            placer = ModulePlacer(f"{model.name}/{name}", self._component(model, name), pin=pin)
+            placer = ModulePlacer(f"{model.name}/{name}", self.component(model, name), pin=pin)
             placers[name] = placer
         return placer
 
-    def _place(self, model: LoadedWan, name: str, placer: ModulePlacer, keep: bool) -> None:
+    def _place(self, model: LoadedModel, name: str, placer: ModulePlacer, keep: bool) -> None:
         if placer.device_buffer is not None:
             return
         self._reserve(placer.nbytes)
@@ -169,37 +170,49 @@ class OffloadManager:
             "kept resident" if keep else "released after use",
         )
 
-    @contextlib.contextmanager
-    def encoder_in_use(
-        self, model: LoadedWan, name: str, cpu_offload: bool, config: OffloadConfig
-    ) -> Iterator[tuple[nn.Module, torch.device]]:
-        """Yield a text/image encoder or VAE ready to run, and the device it runs on.
+    def _record(self, model: LoadedModel, name: str, placement: Placement, device: torch.device | str) -> None:
+        self.history.append(UseRecord(model.name, name, placement, str(device)))
+        del self.history[:-64]
 
-        ``text_encoder`` with cpu offload computes on the CPU (FastVideo's meaning). The image encoder and VAE with
-        cpu offload are copied to the device for the call and the copy is dropped after - no copy back, the host
-        copy never changed. Without offload the module is placed on the device and stays there.
+    @contextlib.contextmanager
+    def in_use(self, model: LoadedModel, name: str, config: OffloadConfig) -> Iterator[tuple[nn.Module, torch.device]]:
+        """Yield component ``name`` ready to run, and the device it runs on, placed by its role.
+
+        - text encoder with ``text_encoder_cpu_offload``: weights and compute on the CPU (FastVideo's meaning);
+        - image encoder / VAE with their cpu offload: copied to the device for the call and the copy dropped after -
+          no copy back, the host copy never changed;
+        - without offload: placed on the device and kept there (a text encoder only while the device has room);
+        - a DiT: streamed layer by layer (``dit_layerwise_offload``) or resident.
         """
-        module = self._component(model, name)
-        if name == "text_encoder" and cpu_offload:
-            self._log_once(f"{model.name}/text_encoder: weights and compute on CPU (text_encoder_cpu_offload)")
+        role = model.spec.component(name).role
+        if role is Role.DIT:
+            with self._dit_in_use(model, name, config) as dit:
+                yield dit, self.device
+            return
+        cpu_offload = getattr(config, OFFLOAD_OPTION_OF_ROLE[role])
+        module = self.component(model, name)
+        if role is Role.TEXT_ENCODER and cpu_offload:
+            self._log_once(f"{model.name}/{name}: weights and compute on CPU (text_encoder_cpu_offload)")
             placer = model.resources.placers.get(name)
             if placer is not None:
                 placer.to_host()
+            self._record(model, name, Placement.HOST_PAGEABLE, "cpu")
             yield module, torch.device("cpu")
             return
         with self._lock, oom_guard(f"{name} on {self.device}", config, self.device):
             placer = self._placer(model, name, pin=config.pin_cpu_memory)
             self._place(model, name, placer, keep=not cpu_offload)
+            self._record(model, name, Placement.GPU, self.device)
             try:
                 yield module, self.device
             finally:
                 if cpu_offload:
                     placer.to_host()
-                elif name == "text_encoder" and not self._memory_allows_keeping(placer.nbytes):
+                elif role is Role.TEXT_ENCODER and not self._memory_allows_keeping(placer.nbytes):
                     placer.to_host()
                     logger.info(
-                        "%s/text_encoder: released after encoding (%.2f GiB), the device is too full to keep it",
-                        model.name, placer.nbytes / 2**30,
+                        "%s/%s: released after encoding (%.2f GiB), the device is too full to keep it",
+                        model.name, name, placer.nbytes / 2**30,
                     )
 
     def _memory_allows_keeping(self, nbytes: int) -> bool:
@@ -213,8 +226,7 @@ class OffloadManager:
         return free >= total // 2
 
     @contextlib.contextmanager
-    def dit_in_use(self, model: LoadedWan, config: OffloadConfig) -> Iterator[nn.Module]:
-        """Yield the DiT placed for sampling: streamed layer by layer, or resident on the device."""
+    def _dit_in_use(self, model: LoadedModel, name: str, config: OffloadConfig) -> Iterator[nn.Module]:
         if config.dit_cpu_offload and not config.use_fsdp_inference:
             self._log_once(
                 "dit_cpu_offload=True has no effect without use_fsdp_inference; "
@@ -222,22 +234,22 @@ class OffloadManager:
             )
         with self._lock, oom_guard("DiT sampling", config, self.device):
             if config.dit_layerwise_offload:
-                transformer = self._place_dit_layerwise(model, config)
+                dit = self._place_dit_layerwise(model, name, config)
+                self._record(model, name, Placement.LAYERWISE, self.device)
             else:
-                model.resources.drop_layerwise()
-                transformer = self._component(model, "transformer")
-                self._place(model, "transformer", self._placer(model, "transformer", config.pin_cpu_memory), keep=True)
-            yield transformer
+                model.resources.drop_layerwise(name)
+                dit = self.component(model, name)
+                self._place(model, name, self._placer(model, name, config.pin_cpu_memory), keep=True)
+                self._record(model, name, Placement.GPU, self.device)
+            yield dit
 
-    def _place_dit_layerwise(self, model: LoadedWan, config: OffloadConfig) -> nn.Module:
-        from .layerwise import LayerwiseOffloader
-
+    def _place_dit_layerwise(self, model: LoadedModel, name: str, config: OffloadConfig) -> nn.Module:
         resources = model.resources
         key = (config.pin_cpu_memory, config.prefetch_depth, config.resident_blocks)
-        if resources.dit_offloader is not None and resources.dit_offloader_key == key:
-            return model.components["transformer"]
-        resources.drop_layerwise()
-        placer = resources.placers.pop("transformer", None)
+        if name in resources.offloaders and resources.offloader_keys[name] == key:
+            return resources.offloaders[name].model
+        resources.drop_layerwise(name)
+        placer = resources.placers.pop(name, None)
         if placer is not None:
             placer.close()
         options = dict(
@@ -245,35 +257,43 @@ class OffloadManager:
             prefetch_depth=config.prefetch_depth,
             resident_blocks=config.resident_blocks,
         )
-        if "transformer" in model.components:
-            transformer = model.components["transformer"]
-            offloader = LayerwiseOffloader(transformer, transformer.blocks, self.device, **options)
+        if name in model.components:
+            dit = model.components[name]
+            _, blocks = find_block_list(dit)
+            offloader = LayerwiseOffloader(dit, blocks, self.device, **options)
         else:
-            # Straight from safetensors into the pinned host arena: the DiT is never whole in memory twice.
-            offloader = LayerwiseOffloader.from_pretrained(
-                model.folder.component("transformer"), self.device, dtype=model.dit_dtype, **options
-            )
-            model.components["transformer"] = offloader.model
-        resources.dit_offloader, resources.dit_offloader_key = offloader, key
+            # Straight from the files into the pinned host arena: the DiT is never whole in memory twice.
+            component = model.spec.component(name)
+            dtype = model.dtypes.get(name)
+            with model.source.weights(component, dtype) as weights:
+                dit = model.source.empty_model(component, dtype)
+                weights.apply_dtypes(dit)
+                _, blocks = find_block_list(dit)
+                offloader = LayerwiseOffloader(dit, blocks, self.device, weights=weights, **options)
+            model.components[name] = offloader.model.requires_grad_(False)
+        resources.offloaders[name], resources.offloader_keys[name] = offloader, key
         try:
             self._reserve(0)  # the offloader's slots and non-block weights now count against the budget
         except BudgetExceeded:
-            resources.drop_layerwise()
+            resources.drop_layerwise(name)
             raise
         stats = offloader.stats()
         logger.info(
-            "%s/transformer: layerwise, %d of %d blocks stream from %s host memory (%.2f GiB), %d resident, "
-            "prefetch depth %d",
-            model.name, stats.streamed_blocks, stats.num_blocks, "pinned" if stats.pinned_bytes else "pageable",
+            "%s/%s: layerwise, %d of %d blocks stream from %s host memory (%.2f GiB), %d resident, prefetch depth %d",
+            model.name, name, stats.streamed_blocks, stats.num_blocks, "pinned" if stats.pinned_bytes else "pageable",
             stats.host_bytes / 2**30, stats.resident_blocks, stats.prefetch_depth,
         )
         return offloader.model
 
+    def offloader(self, model: LoadedModel, name: str) -> LayerwiseOffloader | None:
+        """The layerwise offloader streaming DiT ``name``, if it streams."""
+        return model.resources.offloaders.get(name)
+
     # ------------------------------------------------------------- distributed
 
-    def worker_group(self, model: LoadedWan, config: OffloadConfig) -> Any:
+    def worker_group(self, model: LoadedModel, config: OffloadConfig) -> Any:
         """The FSDP worker group for this model and options: reused while they are unchanged, else restarted."""
-        from .distributed.launcher import WorkerGroup
+        from ..distributed.launcher import WorkerGroup  # the one reference to the layer above: workers on demand
 
         resources = model.resources
         key = WorkerGroup.key_for(model, config)
@@ -285,31 +305,9 @@ class OffloadManager:
                 resources.worker_group_key = key
             return resources.worker_group
 
-    # ---------------------------------------------------------------- prompts
-
-    def text_compute_device(self, config: OffloadConfig) -> torch.device:
-        return torch.device("cpu") if config.text_encoder_cpu_offload else self.device
-
-    def cached_prompt(self, model: LoadedWan, config: OffloadConfig, text: str) -> torch.Tensor | None:
-        """The embedding of ``text`` if this model encoded it on the same kind of device before."""
-        key = (text, self.text_compute_device(config).type)
-        with self._lock:
-            hit = model.prompt_cache.pop(key, None)
-            if hit is not None:
-                model.prompt_cache[key] = hit  # most recently used last
-                logger.debug("prompt embedding cache hit")
-            return hit
-
-    def cache_prompt(self, model: LoadedWan, config: OffloadConfig, text: str, embeds: torch.Tensor) -> None:
-        key = (text, self.text_compute_device(config).type)
-        with self._lock:
-            model.prompt_cache[key] = embeds
-            while len(model.prompt_cache) > PROMPT_CACHE_SIZE:
-                model.prompt_cache.pop(next(iter(model.prompt_cache)))
-
     # ---------------------------------------------------------------- memory
 
-    def models(self) -> list[LoadedWan]:
+    def models(self) -> list[LoadedModel]:
         with self._lock:
             return list(self._models.values())
 
@@ -319,8 +317,8 @@ class OffloadManager:
         for model in self.models():
             resources = model.resources
             total += sum(p.nbytes for p in resources.placers.values() if p.device_buffer is not None)
-            if resources.dit_offloader is not None:
-                stats = resources.dit_offloader.stats()
+            for offloader in resources.offloaders.values():
+                stats = offloader.stats()
                 total += stats.slot_bytes + stats.resident_bytes + stats.non_block_bytes
         return total
 
@@ -348,7 +346,7 @@ class OffloadManager:
                 if not isinstance(obj, nn.Module):
                     continue
                 placer = resources.placers.get(name)
-                if name == "transformer" and resources.dit_offloader is not None:
+                if name in resources.offloaders:
                     placement = Placement.LAYERWISE
                 elif placer is not None:
                     placement = placer.placement
@@ -357,13 +355,13 @@ class OffloadManager:
                 device = str(self.device) if placement in (Placement.GPU, Placement.LAYERWISE) else "cpu"
                 records.append(PlacementRecord(model.name, name, tensor_bytes(obj), placement, device))
             if resources.worker_group is not None:
-                # The DiT lives only in the workers, sharded; its size is that of its weight files.
-                files = model.folder.component("transformer").glob("*.safetensors")
-                nbytes = sum(f.stat().st_size for f in files)
-                records.append(PlacementRecord(model.name, "transformer", nbytes, Placement.FSDP, "workers"))
+                # The DiTs live only in the workers, sharded; their size is that of their stored weights.
+                for name in resources.worker_group.sharded:
+                    nbytes = model.source.weight_bytes(name)
+                    records.append(PlacementRecord(model.name, name, nbytes, Placement.FSDP, "workers"))
         return records
 
-    def release(self, model: LoadedWan) -> None:
+    def release(self, model: LoadedModel) -> None:
         """Drop every device copy of ``model``, unpin its host memory, stop its workers; host weights stay."""
         with self._lock:
             model.release()

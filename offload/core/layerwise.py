@@ -6,7 +6,7 @@ What it does, for any model whose blocks are an ``nn.ModuleList`` of identically
   ``FlatLayout`` shared by all blocks), page-locked with ``pin_cpu_memory`` by registering that one buffer: exact
   bytes, no power-of-two rounding. Between forwards the blocks' tensors are views into it, so the module is a valid
   CPU module whenever no forward is running.
-- GPU side: ``prefetch_depth + 1`` fixed slots of one block each (``block_streams.BlockSlots``). Before a streamed
+- GPU side: ``prefetch_depth + 1`` fixed slots of one block each (``block_slots.BlockSlots``). Before a streamed
   block runs, its tensors are pointed at the slot its bytes were copied into (``param.data = view``: parameter
   identity is kept); after it runs they are pointed back at the host views and the slot is handed to the next copy.
 - Overlap: copies run on a dedicated stream, in streamed-block order with wrap-around, as soon as a slot is free:
@@ -21,6 +21,8 @@ What it does, for any model whose blocks are an ``nn.ModuleList`` of identically
   consistent and the next forward correct.
 - Parameters and buffers outside the blocks are moved to the GPU and stay there.
 
+Loading lives in ``weights.streaming`` and the residency policy in ``residency.py``; this module is the pipeline.
+
 Inference only: weights move under autograd's feet, so run forwards under ``torch.no_grad()`` or
 ``torch.inference_mode()``. Weights are read-only while offloaded (the GPU may hold prefetched copies of a block's
 host bytes at any time): change them after ``close()``, then offload again.
@@ -34,15 +36,17 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
-from .block_streams import BlockSlots
-from .errors import ConfigError
+from ..config import option_spec
+from ..errors import ConfigError
+from .block_slots import BlockSlots
 from .host_memory import FlatLayout, HostArena
+from .residency import AutoResidency, spread_resident
+from .tensors import TensorRef, tensor_refs
 
 logger = logging.getLogger(__name__)
 
@@ -88,43 +92,6 @@ class LayerwiseStats:
     """Forwards that found a block left on the GPU by an exception or interrupt and put it back."""
 
 
-def spread_resident(num_blocks: int, num_resident: int) -> tuple[bool, ...]:
-    """Which of ``num_blocks`` blocks stay resident when ``num_resident`` do.
-
-    The streamed blocks are spaced evenly and each comes at the end of its run of resident blocks, so the copy of
-    every streamed block overlaps as much compute as possible. ``(k + 1) * B // S - 1`` for ``k < S`` is strictly
-    increasing because ``B / S >= 1``, and always ends with the last block.
-    """
-    num_resident = max(0, min(num_resident, num_blocks))
-    num_streamed = num_blocks - num_resident
-    streamed = {(k + 1) * num_blocks // num_streamed - 1 for k in range(num_streamed)}
-    return tuple(i not in streamed for i in range(num_blocks))
-
-
-def plan_auto_resident(
-    *,
-    available_bytes: int,
-    activation_bytes: int,
-    margin_bytes: int,
-    block_bytes: int,
-    slot_bytes: int,
-    num_blocks: int,
-) -> int:
-    """How many blocks ``resident_blocks="auto"`` keeps on the GPU.
-
-    ``available_bytes`` is what the process could still allocate after a forward (driver-free plus the caching
-    allocator's unused reserve), ``activation_bytes`` the peak that forward needed above its starting point. All
-    blocks fit if they do once the streaming slots are freed; otherwise at least one block streams, so the slots
-    stay.
-    """
-    budget = available_bytes - activation_bytes - margin_bytes
-    if budget <= 0 or block_bytes <= 0:
-        return 0
-    if budget + slot_bytes >= num_blocks * block_bytes:
-        return num_blocks
-    return max(0, min(num_blocks - 1, budget // block_bytes))
-
-
 def _resolve_device(device: torch.device | str) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda":
@@ -140,57 +107,10 @@ def _resolve_device(device: torch.device | str) -> torch.device:
 
 
 def _check_options(pin_cpu_memory: bool, prefetch_depth: int, resident_blocks: int | str) -> None:
-    if not isinstance(pin_cpu_memory, bool):
-        raise ConfigError("pin_cpu_memory", pin_cpu_memory, "must be True or False", "pass pin_cpu_memory=True")
-    if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
-        raise ConfigError(
-            "prefetch_depth", prefetch_depth, "must be a whole number of at least 1", "use 1 (the default) or 2"
-        )
-    if resident_blocks != "auto" and (
-        isinstance(resident_blocks, bool) or not isinstance(resident_blocks, int) or resident_blocks < 0
-    ):
-        raise ConfigError(
-            "resident_blocks",
-            resident_blocks,
-            'must be a whole number of at least 0 or "auto"',
-            'use 0, a block count, or "auto"',
-        )
-
-
-def _tensor_entries(module: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
-    """(name relative to ``module``, owning submodule, attribute, is_parameter) for each parameter and buffer, each
-    tensor once, parameters first: the order of the block's flat layout."""
-    seen: set[int] = set()
-    params, buffers = [], []
-    for module_name, sub in module.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        for attr, tensor in sub._parameters.items():
-            if tensor is not None and id(tensor) not in seen:
-                seen.add(id(tensor))
-                params.append((prefix + attr, sub, attr, True))
-        for attr, tensor in sub._buffers.items():
-            if tensor is not None and id(tensor) not in seen:
-                seen.add(id(tensor))
-                buffers.append((prefix + attr, sub, attr, False))
-    return params + buffers
-
-
-def _get(owner: nn.Module, attr: str, is_param: bool) -> torch.Tensor:
-    return owner._parameters[attr] if is_param else owner._buffers[attr]
-
-
-def _rebind(owner: nn.Module, attr: str, is_param: bool, new: torch.Tensor) -> None:
-    """Point a parameter/buffer at ``new``. Keeps the tensor object (``.data``) where it can. A meta tensor cannot
-    take real data that way, and an inference tensor (a model built under ``torch.inference_mode()``, as ComfyUI
-    loads models) would stay flagged as one around ordinary data; both are replaced, once, at construction."""
-    old = _get(owner, attr, is_param)
-    if old.is_meta or old.is_inference():
-        if is_param:
-            owner._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
-        else:
-            owner._buffers[attr] = new
-    else:
-        old.data = new
+    """The same checks, with the same bounds, as ``OffloadConfig`` (one declaration: ``config.option``)."""
+    option_spec("pin_cpu_memory").validate(pin_cpu_memory)
+    option_spec("prefetch_depth").validate(prefetch_depth)
+    option_spec("resident_blocks").validate(resident_blocks)
 
 
 def _describe(t: torch.Tensor | None) -> str:
@@ -201,7 +121,7 @@ class LayerwiseOffloader:
     """Streams the blocks of a DiT through a GPU; see the module docstring.
 
     Construct it on a model that lives on the CPU (for instance loaded by diffusers with no device), or load
-    straight from a model folder with :meth:`from_pretrained`. Then call the model as usual. :meth:`close`
+    straight from its files with ``weights.streaming.layerwise_from_pretrained``. Then call the model as usual. :meth:`close`
     (alias :meth:`detach`) removes every hook and returns the model to a plain CPU module.
     """
 
@@ -220,7 +140,7 @@ class LayerwiseOffloader:
 
         ``weights`` says where tensor values come from; None (the default) means the model's own CPU tensors,
         whose memory is released block by block as it is copied into the arena, so host memory peaks at about one
-        model plus one tensor. :meth:`from_pretrained` passes a reader of the model's safetensors files instead.
+        model plus one tensor. ``layerwise_from_pretrained`` passes a reader of the model's safetensors files instead.
         """
         _check_options(pin_cpu_memory, prefetch_depth, resident_blocks)
         self.device = _resolve_device(device)
@@ -235,9 +155,9 @@ class LayerwiseOffloader:
         self.resident_option = resident_blocks
         self._blocks_name = blocks_name
 
-        entries = [_tensor_entries(block) for block in blocks]
-        self.layout = self._common_layout(entries)
-        self._check_ownership(entries, weights is not None)
+        refs = [tensor_refs(block) for block in blocks]
+        self.layout = self._common_layout(refs)
+        self._check_ownership(refs, weights is not None)
         num_blocks = len(blocks)
         nbytes = self.layout.nbytes
 
@@ -255,9 +175,7 @@ class LayerwiseOffloader:
         self._transfers = 0
         self._forwards = 0
         self._recoveries = 0
-        self._auto_inputs_numel = -1  # input size the "auto" decision was measured at; -1: not yet measured
-        self._pending_numel: int | None = None  # input size of the forward being measured
-        self._measure_base: int | None = None  # memory allocated when that forward started
+        self._auto = AutoResidency(self.device, logger)
         self._handles: list = []
         self._non_block: list[torch.Tensor] = []
         self._closed = False
@@ -274,12 +192,12 @@ class LayerwiseOffloader:
             with torch.inference_mode(False), torch.no_grad():
                 self._host_flat = [self._arena.buffer[i * nbytes : (i + 1) * nbytes] for i in range(num_blocks)]
                 self._host_views = [[s.view_into(flat) for s in self.layout.slots] for flat in self._host_flat]
-                self._fill_host_copies(entries, weights)
-                # Identities after _rebind, which replaces meta tensors with new objects.
-                block_ids = {id(_get(owner, attr, is_param)) for e in entries for _, owner, attr, is_param in e}
+                self._fill_host_copies(refs, weights)
+                # Identities after rebinding, which replaces meta tensors with new objects.
+                block_ids = {id(ref.get()) for block_refs in refs for ref in block_refs}
                 self._non_block = self._place_non_block(block_ids, weights or _copy_current)
             # The tensor objects to re-point, per block, in layout order.
-            self._tensors = [[_get(owner, attr, is_param) for _, owner, attr, is_param in e] for e in entries]
+            self._tensors = [[ref.get() for ref in block_refs] for block_refs in refs]
             if resident_blocks == "auto":
                 initial = 0
             else:
@@ -316,15 +234,12 @@ class LayerwiseOffloader:
             self.device,
         )
 
-    def _fill_host_copies(self, entries, weights: WeightSource | None) -> None:
+    def _fill_host_copies(self, refs: list[list[TensorRef]], weights: WeightSource | None) -> None:
         fill = weights or _copy_current
         fill_many = getattr(weights, "fill_many", None)
-        for i, block_entries in enumerate(entries):
+        for i, block_refs in enumerate(refs):
             prefix = f"{self._blocks_name}.{i}."
-            items = [
-                (prefix + name, _get(owner, attr, is_param), view)
-                for (name, owner, attr, is_param), view in zip(block_entries, self._host_views[i])
-            ]
+            items = [(prefix + ref.name, ref.get(), view) for ref, view in zip(block_refs, self._host_views[i])]
             if fill_many is not None:
                 fill_many(items)  # e.g. concurrent file reads
             else:
@@ -332,8 +247,8 @@ class LayerwiseOffloader:
                     fill(*item)
             # Block by block, so an adopted model's own CPU copy is released as the arena fills: host memory peaks
             # at one model plus one block, not two models.
-            for (_, owner, attr, is_param), view in zip(block_entries, self._host_views[i]):
-                _rebind(owner, attr, is_param, view)
+            for ref, view in zip(block_refs, self._host_views[i]):
+                ref.rebind(view)
 
     def _abandon(self) -> None:
         """Undo a construction that failed half-way: no hook, nothing on the GPU, nothing pinned. Blocks already
@@ -365,14 +280,14 @@ class LayerwiseOffloader:
 
     # ----------------------------------------------------------------------------------------------- construction
 
-    def _common_layout(self, entries: list[list[tuple[str, nn.Module, str, bool]]]) -> FlatLayout:
-        def named(block_entries):
-            return [(name, _get(owner, attr, is_param)) for name, owner, attr, is_param in block_entries]
+    def _common_layout(self, refs: list[list[TensorRef]]) -> FlatLayout:
+        def named(block_refs):
+            return [(ref.name, ref.get()) for ref in block_refs]
 
-        reference = named(entries[0])
+        reference = named(refs[0])
         layout = FlatLayout.of(reference)
-        for i, block_entries in enumerate(entries[1:], start=1):
-            current = named(block_entries)
+        for i, block_refs in enumerate(refs[1:], start=1):
+            current = named(block_refs)
             if layout.matches(current):
                 continue
             problem = None
@@ -393,22 +308,22 @@ class LayerwiseOffloader:
             )
         return layout
 
-    def _check_ownership(self, entries, has_weights: bool) -> None:
+    def _check_ownership(self, refs: list[list[TensorRef]], has_weights: bool) -> None:
         """Tensors must be on the CPU (or meta when a weight source fills them) and belong to one block only."""
         owner_of: dict[int, int] = {}
-        for i, block_entries in enumerate(entries):
-            for name, owner, attr, is_param in block_entries:
-                t = _get(owner, attr, is_param)
+        for i, block_refs in enumerate(refs):
+            for ref in block_refs:
+                t = ref.get()
                 if owner_of.setdefault(id(t), i) != i:
                     raise ValueError(
-                        f"{self._blocks_name}.{i}.{name} is shared with block {owner_of[id(t)]}: blocks that share "
+                        f"{self._blocks_name}.{i}.{ref.name} is shared with block {owner_of[id(t)]}: blocks that share "
                         "weights cannot stream through separate slots"
                     )
         for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
             if t.is_meta and not has_weights:
                 raise ValueError(
                     f"{name} is on the meta device: nothing to copy from. Load real weights first, or build with "
-                    "LayerwiseOffloader.from_pretrained(folder, ...)"
+                    "weights.streaming.layerwise_from_pretrained(...)"
                 )
             if not t.is_meta and t.device.type != "cpu":
                 raise ValueError(
@@ -417,19 +332,20 @@ class LayerwiseOffloader:
                 )
 
     def _place_non_block(self, block_ids: set[int], fill: WeightSource) -> list[torch.Tensor]:
+        """Move every tensor outside the blocks to the device (once per tensor, every registration re-pointed)."""
+        groups: dict[int, list[TensorRef]] = {}
+        for ref in tensor_refs(self.model, unique=False):
+            if id(ref.get()) not in block_ids:
+                groups.setdefault(id(ref.get()), []).append(ref)
         placed = []
-        for module_name, sub in self.model.named_modules():
-            prefix = f"{module_name}." if module_name else ""
-            for store, is_param in ((sub._parameters, True), (sub._buffers, False)):
-                for attr, t in list(store.items()):
-                    if t is None or id(t) in block_ids:
-                        continue
-                    if t.is_meta or t.device != self.device or fill is not _copy_current:
-                        dest = torch.empty(t.shape, dtype=t.dtype, device=self.device)
-                        fill(prefix + attr, t, dest)
-                        _rebind(sub, attr, is_param, dest)
-                    block_ids.add(id(_get(sub, attr, is_param)))  # a tensor shared by two modules moves once
-                    placed.append(_get(sub, attr, is_param))
+        for group in groups.values():
+            t = group[0].get()
+            if t.is_meta or t.device != self.device or fill is not _copy_current:
+                dest = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                fill(group[0].name, t, dest)
+                for ref in group:
+                    ref.rebind(dest)
+            placed.append(group[0].get())
         return placed
 
     def _install_hooks(self) -> list:
@@ -565,67 +481,25 @@ class LayerwiseOffloader:
             self._recover()
         if self.resident_option == "auto":
             numel = sum(t.numel() for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
-            if numel > self._auto_inputs_numel:
-                self._begin_auto_measurement(numel)
+            if self._auto.needs_measurement(numel):
+                if any(self._resident_mask):
+                    logger.info(
+                        "resident_blocks=auto: inputs grew (%d -> %d elements); streaming every block for one forward "
+                        "to measure again", self._auto.measured_numel, numel,
+                    )
+                    self._apply_placement((False,) * len(self.blocks))
+                self._auto.begin(numel)
         if self._streamed and (not self._queue or self._queue[0][0] != 0):
             self._discard_queue()
             self._next_issue = 0
             self._fill()
 
-    def _begin_auto_measurement(self, numel: int) -> None:
-        if any(self._resident_mask):
-            logger.info(
-                "resident_blocks=auto: inputs grew (%d -> %d elements); streaming every block for one forward to "
-                "measure again",
-                self._auto_inputs_numel,
-                numel,
-            )
-            self._apply_placement((False,) * len(self.blocks))
-        self._pending_numel = numel
-        self._measure_base = None
-        if self.device.type == "cuda":
-            # Resets the process's peak statistic: the only way to read this forward's own peak.
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._measure_base = torch.cuda.memory_allocated(self.device)
-
-    def _auto_budget_inputs(self, base: int | None) -> tuple[int, int, int] | None:
-        """(available bytes, total bytes, activation peak bytes) after a measured forward; None without CUDA."""
-        if base is None or self.device.type != "cuda":
-            return None
-        activation = torch.cuda.max_memory_allocated(self.device) - base
-        free, total = torch.cuda.mem_get_info(self.device)
-        unused_reserve = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return free + unused_reserve, total, activation
-
     def _on_forward_end(self, module: nn.Module, args, output) -> None:
-        if self._pending_numel is None:
-            return
-        numel, base = self._pending_numel, self._measure_base
-        self._pending_numel = self._measure_base = None
-        self._auto_inputs_numel = numel
-        figures = self._auto_budget_inputs(base)
-        if figures is None:
-            logger.info("resident_blocks=auto: no CUDA memory figures on %s; every block keeps streaming", self.device)
-            return
-        available, total, activation = figures
-        margin = max(GiB, total // 20)
-        count = plan_auto_resident(
-            available_bytes=available,
-            activation_bytes=activation,
-            margin_bytes=margin,
+        count = self._auto.finish(
             block_bytes=self.layout.nbytes,
             slot_bytes=self._slots.total_bytes if self._slots else 0,
             num_blocks=len(self.blocks),
-        )
-        logger.info(
-            "resident_blocks=auto: the forward needed %.2f GiB of activations; %.2f GiB available minus %.2f GiB "
-            "margin -> %d of %d blocks resident, %d streamed",
-            activation / GiB,
-            available / GiB,
-            margin / GiB,
-            count,
-            len(self.blocks),
-            len(self.blocks) - count,
+            name=self._blocks_name,
         )
         if count:
             self._apply_placement(spread_resident(len(self.blocks), count))
@@ -633,54 +507,11 @@ class LayerwiseOffloader:
     def _on_forward_exit(self, module: nn.Module, args, output) -> None:
         # Runs after _on_forward_end on success, and alone when the forward raised: an unfinished measurement is
         # dropped (the next forward measures again) and a block left in a slot goes back to host memory.
-        self._pending_numel = self._measure_base = None
+        self._auto.abort()
         if self._active is not None:
             self._recover()
 
     # ----------------------------------------------------------------------------------------------- public
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | Path,
-        device: torch.device | str,
-        *,
-        pin_cpu_memory: bool,
-        dtype: torch.dtype | None = torch.bfloat16,
-        prefetch_depth: int = 1,
-        resident_blocks: int | Literal["auto"] = 0,
-        model_cls: type | None = None,
-        blocks_attr: str = "blocks",
-    ) -> LayerwiseOffloader:
-        """Load a Diffusers-format model folder (``config.json`` + ``diffusion_pytorch_model*.safetensors``, e.g.
-        a Wan ``transformer/``) straight into layerwise offload; the model is ``offloader.model``.
-
-        The model is built with its parameters on the meta device; each block tensor is read from the files into
-        its place in the host arena, every other tensor into GPU memory, one tensor at a time: the full DiT is
-        never on the GPU and never twice in host memory. Tensors get the dtypes ``from_pretrained(dtype=dtype)``
-        gives them (``_keep_in_fp32_modules`` stay float32); non-persistent buffers are computed by ``__init__``.
-        """
-        from .direct_load import SafetensorsWeights, build_empty_model, resolve_model_class
-
-        _check_options(pin_cpu_memory, prefetch_depth, resident_blocks)
-        _resolve_device(device)
-        folder = Path(folder)
-        model_cls = resolve_model_class(folder, model_cls)
-        with SafetensorsWeights(folder, dtype, getattr(model_cls, "_keep_in_fp32_modules", None)) as weights:
-            model = build_empty_model(model_cls, folder, dtype)
-            blocks = getattr(model, blocks_attr, None)
-            if not isinstance(blocks, nn.ModuleList):
-                raise ValueError(f"{model_cls.__name__} has no nn.ModuleList named {blocks_attr!r}; pass blocks_attr")
-            weights.apply_dtypes(model)
-            return cls(
-                model,
-                blocks,
-                device,
-                pin_cpu_memory=pin_cpu_memory,
-                prefetch_depth=prefetch_depth,
-                resident_blocks=resident_blocks,
-                weights=weights,
-            )
 
     @property
     def closed(self) -> bool:
@@ -698,7 +529,7 @@ class LayerwiseOffloader:
         num_blocks = len(self.blocks)
         count = 0 if resident_blocks == "auto" else min(resident_blocks, num_blocks)
         self.resident_option = resident_blocks
-        self._auto_inputs_numel = -1
+        self._auto.reset()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # one-off: prefetches in flight land before slots may be freed
         self._apply_placement(spread_resident(num_blocks, count))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, VideoSaveError
+from ..errors import ConfigError, VideoSaveError
 
 
 def frames_to_uint8(frames: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -1,0 +1,251 @@
+"""What a model family declares, so the generic layers can place, stream, shard and run it without knowing it.
+
+Shaped like torchtitan's ``ModelSpec``: a family is a folder (``offload/families/<name>/``) plus one spec per
+pipeline it reads. The spec says
+
+- **components by role** (text encoder, image encoder, VAE, one or more DiTs, tokenizer, scheduler...), with the
+  classes a model folder may name for each (an allow-list: a ``model_index.json`` from the internet never chooses
+  arbitrary code to import) and which precision option sets its dtype;
+- **the latent geometry** (channels, temporal and spatial factors, the DiT's patch, the normalisation), through
+  :meth:`FamilyStages.latent_space`;
+- **the denoising loop**: which DiT runs at each step (:meth:`FamilyStages.dit_for_step`);
+- **its steps** (encode text and images, build the noise predictor, decode) and **its parallel plan** for the
+  worker group (``parallelize``), plus the methods its workers serve.
+
+Everything else - which module is a "block" to stream or shard - is read from what diffusers models already
+declare (``_repeated_blocks``, ``_no_split_modules``, ``_keep_in_fp32_modules``): see :func:`find_block_list`.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import SamplingParams
+    from .denoise import BranchPredictor, Conditioning
+
+
+class Role(enum.Enum):
+    """What a component does; the manager places components by role."""
+
+    TOKENIZER = "tokenizer"
+    TEXT_ENCODER = "text encoder"
+    IMAGE_PROCESSOR = "image processor"
+    IMAGE_ENCODER = "image encoder"
+    VAE = "vae"
+    DIT = "dit"
+    SCHEDULER = "scheduler"
+
+    @property
+    def has_weights(self) -> bool:
+        return self in (Role.TEXT_ENCODER, Role.IMAGE_ENCODER, Role.VAE, Role.DIT)
+
+
+def lazy_classes(library: str, *names: str) -> dict[str, Callable[[], type]]:
+    """``{name: importer}`` for classes of ``library`` (diffusers, transformers), imported only when used."""
+
+    def importer(name: str) -> Callable[[], type]:
+        return lambda: getattr(importlib.import_module(library), name)
+
+    return {name: importer(name) for name in names}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One component of a pipeline."""
+
+    name: str
+    """Its folder in a Diffusers-format model (``transformer``, ``text_encoder``...)."""
+    role: Role
+    classes: Mapping[str, Callable[[], type]]
+    """The classes a model may name for it, each with a lazy importer: the allow-list."""
+    precision: Literal["dit", "vae"] | None = None
+    """Which precision option sets its dtype: ``dit`` (DiT and text encoder) or ``vae`` (VAE, image encoder)."""
+    optional: bool = False
+    """May be absent from a model (Wan2.2's second expert in a Wan2.1 folder, say)."""
+
+    def resolve(self, class_name: str) -> type:
+        """The class for ``class_name``; only names on the allow-list are ever imported."""
+        importer = self.classes.get(class_name)
+        if importer is None:
+            raise KeyError(class_name)
+        return importer()
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    """A model's latent geometry, resolved from its configs. Pixels -> latents: ``(F-1)/t + 1`` frames of
+    ``H/s x W/s``, where the DiT then groups ``patch`` latents into one token."""
+
+    channels: int
+    temporal_factor: int
+    spatial_factor: int
+    patch: tuple[int, int, int]
+    """(frames, height, width) of one DiT token, in latents."""
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    """Per-channel statistics: the DiT works on ``(raw - mean) / std``; None means the raw space is the DiT's."""
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.spatial_factor * max(self.patch[1], self.patch[2])
+
+    def check(self, params: SamplingParams) -> None:
+        """Refuse sizes this geometry cannot represent, naming the nearest sizes that work."""
+        step = self.pixel_multiple
+        for name in ("height", "width"):
+            value = getattr(params, name)
+            if value % step:
+                raise ConfigError(name, value, f"must be a multiple of {step}", f"use {value // step * step or step} or {value // step * step + step}")
+        t = self.temporal_factor
+        if params.num_frames % t != 1 % t:
+            lower = (params.num_frames - 1) // t * t + 1
+            raise ConfigError("num_frames", params.num_frames, f"must be of the form {t}k+1", f"use {lower} or {lower + t}")
+
+    def shape(self, params: SamplingParams, batch: int = 1) -> tuple[int, int, int, int, int]:
+        return (
+            batch,
+            self.channels,
+            (params.num_frames - 1) // self.temporal_factor + 1,
+            params.height // self.spatial_factor,
+            params.width // self.spatial_factor,
+        )
+
+    def tokens(self, latent_shape: tuple[int, ...]) -> int:
+        _, _, frames, height, width = latent_shape
+        p_t, p_h, p_w = self.patch
+        return (frames // p_t) * (height // p_h) * (width // p_w)
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # As diffusers' Wan pipelines write it: the statistics are cast to the latents' dtype, the inverse std is
+        # taken after the cast, and the scale is applied as a division by it (decode) or a product with it (encode),
+        # so results match their pipelines bit for bit.
+        view = (1, self.channels, 1, 1, 1)
+        mean = torch.tensor(self.mean).view(view).to(like.device, like.dtype)
+        inverse_std = 1.0 / torch.tensor(self.std).view(view).to(like.device, like.dtype)
+        return mean, inverse_std
+
+    def to_raw(self, latents: torch.Tensor) -> torch.Tensor:
+        """The DiT's normalised latents -> the VAE's raw latents (what a VAE decodes and encodes)."""
+        if self.mean is None:
+            return latents
+        mean, inverse_std = self._stats(latents)
+        return latents / inverse_std + mean
+
+    def from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """The VAE's raw latents -> the DiT's normalised latents."""
+        if self.mean is None:
+            return raw
+        mean, inverse_std = self._stats(raw)
+        return (raw - mean) * inverse_std
+
+
+class ModelSource(Protocol):
+    """Where a model's components come from (a Diffusers folder; single files next). Implemented in ``weights``."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def identity(self) -> str:
+        """Equal for the same files (the manager's cache key)."""
+    def has(self, component: str) -> bool: ...
+    def class_name(self, component: str) -> str: ...
+    def config(self, component: str) -> dict: ...
+    def weight_bytes(self, component: str) -> int: ...
+    def load(self, component: ComponentSpec, dtype: torch.dtype | None) -> Any:
+        """The whole component in host memory (tokenizers, processors and scheduler configs included)."""
+    def weights(self, component: ComponentSpec, dtype: torch.dtype | None) -> Any:
+        """A ``SafetensorsWeights`` for the component's tensors, for loading straight into offloaded memory."""
+    def empty_model(self, component: ComponentSpec, dtype: torch.dtype | None) -> nn.Module:
+        """The component built on the meta device (buffers computed), for streaming or sharding."""
+    def describe(self) -> dict:
+        """Plain data from which a worker process reopens the same source (``weights.open_source``)."""
+
+
+class FamilyStages(Protocol):
+    """The family-specific steps of a generation. Every tensor a stage returns lives on the CPU."""
+
+    def latent_space(self, source: ModelSource) -> LatentSpace: ...
+    def check_params(self, source: ModelSource, params: SamplingParams) -> None:
+        """Model-specific limits beyond the latent geometry (e.g. a rotary table's length)."""
+    def encode_text(self, tokenizer: Any, encoder: nn.Module, text: str, device: torch.device) -> torch.Tensor: ...
+    def prepare_image(self, image: Any) -> Any:
+        """A user's start image (PIL, path, array, ComfyUI IMAGE) in the form the other image steps take."""
+    def encode_image(self, processor: Any, encoder: nn.Module, image: Any, device: torch.device) -> torch.Tensor: ...
+    def image_condition(
+        self, vae: nn.Module, image: Any, params: SamplingParams, space: LatentSpace, device: torch.device
+    ) -> torch.Tensor: ...
+    def noise_predictor(
+        self, dit: nn.Module, conditioning: Conditioning, device: torch.device, dtype: torch.dtype
+    ) -> BranchPredictor: ...
+    def dit_for_step(self, source: ModelSource, dits: tuple[str, ...], timestep: float, num_train_timesteps: int) -> str:
+        """The denoising loop's choice of DiT for the step at ``timestep`` (one DiT: always it)."""
+    def decode(self, vae: nn.Module, latents: torch.Tensor, space: LatentSpace, device: torch.device) -> torch.Tensor:
+        """Normalised latents -> frames ``[F, H, W, 3]`` float32 in 0..1."""
+    def sequence_parallel_heads(self, dit_config: dict) -> int | None:
+        """Attention heads that Ulysses splits over GPUs; None if the DiT does not support sequence parallelism."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One pipeline of a family: see the module docstring."""
+
+    name: str
+    """Human name, e.g. ``wan2.1-t2v``."""
+    family: str
+    pipeline_class: str
+    """The ``_class_name`` of ``model_index.json`` this spec reads."""
+    components: tuple[ComponentSpec, ...]
+    stages: FamilyStages
+    module: str
+    """``__name__`` of the module defining the spec; workers import it to find the spec again."""
+    image_to_video: bool = False
+    parallelize: Callable[..., Any] | None = None
+    """``parallelize(model, plan, device, *, cpu_offload, pin_memory)`` for FSDP workers; None: no worker group."""
+    worker_methods: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    """Methods the worker group serves, ``method(worker, payload, observer) -> reply``."""
+    matches: Callable[[dict], bool] | None = None
+    """Extra test on ``model_index.json`` beyond the class name (e.g. a second expert present)."""
+
+    def component(self, name: str) -> ComponentSpec:
+        for component in self.components:
+            if component.name == name:
+                return component
+        raise KeyError(f"{self.name} has no component {name!r}")
+
+    def by_role(self, role: Role) -> tuple[ComponentSpec, ...]:
+        return tuple(c for c in self.components if c.role is role)
+
+    def first(self, role: Role) -> ComponentSpec | None:
+        found = self.by_role(role)
+        return found[0] if found else None
+
+
+def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` of the model's repeated blocks, found from what the class declares.
+
+    diffusers models name their repeated block classes in ``_repeated_blocks`` (and the blocks that must stay whole
+    in ``_no_split_modules``); the list holding instances of them is what layerwise offload streams and FSDP shards.
+    """
+    declared = list(getattr(model, "_repeated_blocks", None) or []) or list(getattr(model, "_no_split_modules", None) or [])
+    if not declared:
+        raise ValueError(
+            f"{type(model).__name__} declares no _repeated_blocks or _no_split_modules: cannot tell which modules "
+            "are its blocks. Declare _repeated_blocks = ['<BlockClass>'] on the model class."
+        )
+    def is_block(module: nn.Module) -> bool:  # by class name, through subclasses (FSDP wraps classes)
+        return any(cls.__name__ in declared for cls in type(module).__mro__)
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(is_block(m) for m in module):
+            return name, module
+    raise ValueError(f"{type(model).__name__} has no nn.ModuleList of {declared}")

@@ -1,0 +1,115 @@
+"""The Wan2.1 family's specs: its components and roles, latent geometry, denoising loop and parallel plan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...config import SamplingParams
+from ...core.denoise import Conditioning
+from ...core.spec import ComponentSpec, LatentSpace, ModelSource, ModelSpec, Role, lazy_classes
+from ...errors import ConfigError
+from ...distributed.sampling import sample_in_workers
+from .parallelize import parallelize_wan
+
+TOKENIZER = ComponentSpec("tokenizer", Role.TOKENIZER, lazy_classes("transformers", "T5Tokenizer", "T5TokenizerFast", "AutoTokenizer"))
+TEXT_ENCODER = ComponentSpec("text_encoder", Role.TEXT_ENCODER, lazy_classes("transformers", "UMT5EncoderModel", "T5EncoderModel"), precision="dit")
+TRANSFORMER = ComponentSpec("transformer", Role.DIT, lazy_classes("diffusers", "WanTransformer3DModel"), precision="dit")
+VAE = ComponentSpec("vae", Role.VAE, lazy_classes("diffusers", "AutoencoderKLWan"), precision="vae")
+SCHEDULER = ComponentSpec("scheduler", Role.SCHEDULER, lazy_classes("diffusers", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"))
+IMAGE_ENCODER = ComponentSpec(
+    "image_encoder", Role.IMAGE_ENCODER, lazy_classes("transformers", "CLIPVisionModel", "CLIPVisionModelWithProjection"),
+    precision="vae",
+)
+IMAGE_PROCESSOR = ComponentSpec(
+    "image_processor", Role.IMAGE_PROCESSOR,
+    lazy_classes("transformers", "CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil"),
+)
+
+HINT = "a Diffusers-format Wan2.1 folder (for example Wan2.1-T2V-1.3B-Diffusers)"
+
+
+class WanStages:
+    """The Wan2.1 steps, numerically identical to diffusers' ``WanPipeline`` / ``WanImageToVideoPipeline``."""
+
+    def latent_space(self, source: ModelSource) -> LatentSpace:
+        vae = source.config("vae")
+        dit = source.config("transformer")
+        return LatentSpace(
+            channels=int(vae.get("z_dim", 16)),
+            temporal_factor=int(vae.get("scale_factor_temporal", 4)),
+            spatial_factor=int(vae.get("scale_factor_spatial", 8)),
+            patch=tuple(int(p) for p in dit.get("patch_size", (1, 2, 2))),
+            mean=tuple(vae["latents_mean"]) if "latents_mean" in vae else None,
+            std=tuple(vae["latents_std"]) if "latents_std" in vae else None,
+        )
+
+    def check_params(self, source: ModelSource, params: SamplingParams) -> None:
+        """Refuse sizes the model cannot represent: its rotary tables end at ``rope_max_seq_len`` per axis."""
+        space = self.latent_space(source)
+        config = source.config("transformer")
+        limit = int(config.get("rope_max_seq_len", 1024))
+        p_t, p_h, p_w = space.patch
+        s, t = space.spatial_factor, space.temporal_factor
+        latent_frames = (params.num_frames - 1) // t + 1
+        checks = (
+            ("num_frames", params.num_frames, latent_frames // p_t, t * limit * p_t - (t - 1)),
+            ("height", params.height, params.height // s // p_h, limit * p_h * s),
+            ("width", params.width, params.width // s // p_w, limit * p_w * s),
+        )
+        for name, value, positions, maximum in checks:
+            if positions > limit:
+                raise ConfigError(name, value, f"is larger than this model supports ({maximum})", f"use {name} <= {maximum}")
+
+    def encode_text(self, tokenizer: Any, encoder: nn.Module, text: str, device: torch.device) -> torch.Tensor:
+        from .text import encode_prompt
+
+        return encode_prompt(tokenizer, encoder, text, device).cpu()
+
+    def prepare_image(self, image: Any) -> Any:
+        from .image import to_pil
+
+        return to_pil(image)
+
+    def encode_image(self, processor: Any, encoder: nn.Module, image: Any, device: torch.device) -> torch.Tensor:
+        from .image import encode_image_embeds
+
+        return encode_image_embeds(processor, encoder, image, device).cpu()
+
+    def image_condition(self, vae: nn.Module, image: Any, params: SamplingParams, space: LatentSpace, device: torch.device) -> torch.Tensor:
+        from .image import image_condition_latents
+
+        return image_condition_latents(vae, image, params, space, device)
+
+    def noise_predictor(self, dit: nn.Module, conditioning: Conditioning, device: torch.device, dtype: torch.dtype):
+        from .predictor import WanNoisePredictor
+
+        return WanNoisePredictor(dit, conditioning, device, dtype)
+
+    def dit_for_step(self, source: ModelSource, dits: tuple[str, ...], timestep: float, num_train_timesteps: int) -> str:
+        return dits[0]
+
+    def decode(self, vae: nn.Module, latents: torch.Tensor, space: LatentSpace, device: torch.device) -> torch.Tensor:
+        from .decode import decode_latents
+
+        return decode_latents(vae, latents, space, device)
+
+    def sequence_parallel_heads(self, dit_config: dict) -> int | None:
+        return int(dit_config.get("num_attention_heads", 40))
+
+
+STAGES = WanStages()
+_COMMON = dict(family="wan2.1", stages=STAGES, module=__name__, parallelize=parallelize_wan,
+               worker_methods={"sample": sample_in_workers})
+
+WAN21_T2V = ModelSpec(
+    name="wan2.1-t2v", pipeline_class="WanPipeline",
+    components=(TOKENIZER, TEXT_ENCODER, TRANSFORMER, VAE, SCHEDULER), **_COMMON,
+)
+WAN21_I2V = ModelSpec(
+    name="wan2.1-i2v", pipeline_class="WanImageToVideoPipeline", image_to_video=True,
+    components=(TOKENIZER, TEXT_ENCODER, TRANSFORMER, VAE, SCHEDULER, IMAGE_ENCODER, IMAGE_PROCESSOR), **_COMMON,
+)
+SPECS = (WAN21_T2V, WAN21_I2V)

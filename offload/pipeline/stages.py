@@ -1,0 +1,216 @@
+"""The stages of a generation - encode, sample, decode - each run through the offload manager, for any family.
+
+The ComfyUI nodes call these one per node; ``VideoGenerator`` calls all of them. Each stage asks the manager for
+the component it needs by role, and the model family's steps (``spec.stages``) for what only the family knows, so
+the placement rules live in the manager and the model arithmetic in the family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import OffloadConfig, Precision, SamplingParams, validate_prompt
+from ..core.denoise import Conditioning, StepObserver, denoise, guided_prediction, initial_noise, make_scheduler
+from ..core.loaded_model import LoadedModel
+from ..core.manager import OffloadManager
+from ..core.spec import LatentSpace, Role
+from ..errors import ConfigError, OffloadOutOfMemoryError
+from ..families import open_model
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(manager: OffloadManager, path: str | Path, precision: Precision = Precision()) -> LoadedModel:
+    """Check a model folder of any registered family and register it (fast: no weight is read)."""
+    source, spec = open_model(path)
+    return manager.register(source, spec, precision)
+
+
+def latent_space(model: LoadedModel) -> LatentSpace:
+    return model.spec.stages.latent_space(model.source)
+
+
+def check_params_for_model(model: LoadedModel, params: SamplingParams) -> None:
+    """Refuse sizes the model cannot represent: its latent geometry, then its own limits. Reads configs only."""
+    latent_space(model).check(params)
+    model.spec.stages.check_params(model.source, params)
+
+
+def _with_auto_offload(manager: OffloadManager, model: LoadedModel, config: OffloadConfig, stage):
+    """Run ``stage(effective_config)``; with ``auto_offload``, step along the recommended order on each OOM."""
+    while True:
+        try:
+            return stage(manager.effective_config(model, config))
+        except OffloadOutOfMemoryError as error:
+            if not manager.escalate(model, config, error):
+                raise
+
+
+def _name(model: LoadedModel, role: Role) -> str | None:
+    component = model.spec.first(role)
+    return None if component is None else component.name
+
+
+def encode_prompts(
+    manager: OffloadManager,
+    model: LoadedModel,
+    config: OffloadConfig,
+    prompt: str,
+    negative_prompt: str = "",
+    image: Any = None,
+) -> Conditioning:
+    """Encode the prompt, the negative prompt and (image-to-video) the start image; results live on the CPU.
+
+    Embeddings of a prompt are cached per model: re-queueing a workflow with the same text does not run the text
+    encoder again.
+    """
+    validate_prompt("prompt", prompt)
+    validate_prompt("negative_prompt", negative_prompt, allow_empty=True)
+    start = _check_image_for_model(model, image)
+    return _with_auto_offload(manager, model, config, lambda c: _encode(manager, model, c, prompt, negative_prompt, start))
+
+
+def _encode(manager, model: LoadedModel, config: OffloadConfig, prompt, negative_prompt, start) -> Conditioning:
+    stages = model.spec.stages
+    encoder_name = _name(model, Role.TEXT_ENCODER)
+    embeds = []
+    for text in (prompt, negative_prompt):
+        key = (text, "cpu" if config.text_encoder_cpu_offload else manager.device.type)
+        cached = model.prompt_cache.get(key)
+        if cached is None:
+            tokenizer = manager.component(model, _name(model, Role.TOKENIZER))
+            with manager.in_use(model, encoder_name, config) as (encoder, device):
+                cached = stages.encode_text(tokenizer, encoder, text, device)
+            model.prompt_cache.put(key, cached)
+        else:
+            logger.debug("prompt embedding cache hit")
+        embeds.append(cached)
+    image_embeds = None
+    image_encoder = _name(model, Role.IMAGE_ENCODER)
+    if start is not None and image_encoder is not None:
+        processor = manager.component(model, _name(model, Role.IMAGE_PROCESSOR))
+        with manager.in_use(model, image_encoder, config) as (encoder, device):
+            image_embeds = stages.encode_image(processor, encoder, start, device)
+    return Conditioning(embeds[0], embeds[1], image_embeds=image_embeds, image=start)
+
+
+def _check_image_for_model(model: LoadedModel, image: Any):
+    if model.spec.image_to_video:
+        if image is None:
+            raise ConfigError(
+                "image", None, f"{model.name} is an image-to-video model and needs a start image",
+                "connect an IMAGE to Encode Prompt's image input (or pass image=... to generate_video)",
+            )
+        return model.spec.stages.prepare_image(image)
+    if image is not None:
+        raise ConfigError(
+            "image", type(image).__name__, f"{model.name} is a text-to-video model and takes no start image",
+            "load an image-to-video model, or disconnect the image",
+        )
+    return None
+
+
+def sample_latents(
+    manager: OffloadManager,
+    model: LoadedModel,
+    config: OffloadConfig,
+    conditioning: Conditioning,
+    params: SamplingParams,
+    observer: StepObserver | None = None,
+) -> torch.Tensor:
+    """Denoise from the seed's noise; return the normalised latents ``[1, C, T, H/s, W/s]``, float32, on the CPU."""
+    check_params_for_model(model, params)
+    if model.spec.image_to_video and conditioning.image is None:
+        raise ConfigError(
+            "conditioning", "text only", f"{model.name} is an image-to-video model",
+            "encode the prompt with a start image connected",
+        )
+    return _with_auto_offload(manager, model, config, lambda c: _sample(manager, model, c, conditioning, params, observer))
+
+
+def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, params, observer) -> torch.Tensor:
+    scheduler_component = model.spec.first(Role.SCHEDULER)
+    scheduler_class, scheduler_config = manager.component(model, scheduler_component.name)
+    scheduler = make_scheduler(scheduler_component.resolve, scheduler_class, scheduler_config, params.flow_shift)
+    space = latent_space(model)
+    noise = initial_noise(params, space)
+    conditioning = _with_image_condition(manager, model, config, conditioning, params)
+    if config.distributed:
+        from ..distributed.sampling import sample_payload
+
+        group = manager.worker_group(model, config)
+        check_sequence_split(group.plan, space, tuple(noise.shape))
+        payload = sample_payload(conditioning, params, (scheduler_class, scheduler_config), noise)
+        return group.call("sample", payload, observer, total_steps=params.num_inference_steps)["latents"]
+    stages = model.spec.stages
+    dits = model.dit_names
+    num_train = int(scheduler.config.get("num_train_timesteps", 1000))
+    with contextlib.ExitStack() as stack:
+        predictors = {}
+        for name in dits:
+            dit, device = stack.enter_context(manager.in_use(model, name, config))
+            predictors[name] = stages.noise_predictor(dit, conditioning, device, model.dtypes[name])
+
+        def predict(index: int, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            name = stages.dit_for_step(model.source, dits, float(timestep[0]), num_train)
+            return guided_prediction(predictors[name], latents, timestep, params.guidance_scale)
+
+        return denoise(predict, scheduler, params, noise, manager.device, observer)
+
+
+def check_sequence_split(plan: Any, space: LatentSpace, latent_shape: tuple[int, ...]) -> None:
+    """Ulysses splits a video's tokens evenly over the sequence-parallel ranks: refuse a size that does not split,
+    before anything is sent to the workers."""
+    _, _, frames, height, width = latent_shape
+    plan.check_video(
+        space.tokens(latent_shape), f"{frames} latent frames x {height * space.spatial_factor}x{width * space.spatial_factor}",
+        f"pick height and width such that (height/{space.pixel_multiple}) x (width/{space.pixel_multiple}) x latent "
+        f"frames is a multiple of {plan.sp} (480x832 and 720x1280 are)",
+    )
+
+
+def prepare_image_condition(
+    manager: OffloadManager, model: LoadedModel, config: OffloadConfig, conditioning: Conditioning, params: SamplingParams
+) -> Conditioning:
+    """Image-to-video: VAE-encode the start frame for this video's size (``sample_latents`` does it when needed;
+    callers that want it as a stage of its own - timing, or a separate node - call this first)."""
+    check_params_for_model(model, params)
+    return _with_auto_offload(manager, model, config, lambda c: _with_image_condition(manager, model, c, conditioning, params))
+
+
+def _with_image_condition(manager, model: LoadedModel, config, conditioning: Conditioning, params) -> Conditioning:
+    if conditioning.image is None or conditioning.image_condition is not None:
+        return conditioning
+    with manager.in_use(model, _name(model, Role.VAE), config) as (vae, device):
+        condition = model.spec.stages.image_condition(vae, conditioning.image, params, latent_space(model), device)
+    return dataclasses.replace(conditioning, image_condition=condition)
+
+
+def check_latents(model: LoadedModel, latents: Any) -> torch.Tensor:
+    """Latents this model's VAE can decode: a 5-D tensor with its channel count, one video, at least one frame."""
+    space = latent_space(model)
+    shape = tuple(getattr(latents, "shape", ())) or None
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
+        raise ConfigError(
+            "latents", shape, f"must be a 5-D video latent [1, {space.channels}, T, H/{space.spatial_factor}, "
+            f"W/{space.spatial_factor}]", "connect the Sample node's LATENT",
+        )
+    return latents
+
+
+def decode_video(manager: OffloadManager, model: LoadedModel, config: OffloadConfig, latents: torch.Tensor) -> torch.Tensor:
+    """Decode normalised latents to frames ``[F, H, W, 3]``, float32 in 0..1, on the CPU."""
+    latents = check_latents(model, latents)
+    space = latent_space(model)
+
+    def decode(config: OffloadConfig) -> torch.Tensor:
+        with manager.in_use(model, _name(model, Role.VAE), config) as (vae, device):
+            return model.spec.stages.decode(vae, latents, space, device)
+
+    return _with_auto_offload(manager, model, config, decode)

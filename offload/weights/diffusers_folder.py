@@ -1,0 +1,245 @@
+"""The Diffusers-folder format adapter: check a model folder before anything is loaded, then load from it.
+
+A missing component, a half-downloaded shard or a pickle checkpoint should fail in milliseconds with a message
+that names the file and says what to do - not minutes later from deep inside ``from_pretrained``. Checking reads
+``model_index.json`` and every safetensors header (``safetensors_file.read_header``), never the weights. Which
+components a folder must have, and which classes each may name, comes from the model family's spec: this module
+knows the format, not the models.
+
+Loading a whole component goes through diffusers' and transformers' own ``from_pretrained`` so that dtype rules
+(``_keep_in_fp32_modules``) and key layouts are exactly the libraries' - the pipelines we are compared against load
+the same way. Loading straight into offloaded memory goes through :meth:`DiffusersFolder.weights`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.spec import ComponentSpec, ModelSpec, Role
+from ..errors import ModelLoadError
+from .safetensors_file import read_header
+from .tensor_source import SafetensorsWeights, build_empty_model, folder_weight_files
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+"""Checkpoint formats that unpickle Python objects when loaded, and so can run code: always refused."""
+
+CONFIG_FILES = ("config.json", "scheduler_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
+
+def pickle_message(file: Path) -> str:
+    return (
+        f"{file} is a pickle checkpoint ({file.suffix}). Loading pickles can run arbitrary code, so this pack "
+        "only loads .safetensors. Fix: download the safetensors version of the model (the official "
+        "*-Diffusers folders ship safetensors)."
+    )
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object; errors name the file and the fix."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot read {what} ({e}). Fix: download it again.") from e
+    except (ValueError, RecursionError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({str(e)[:200]}). Fix: re-download {path.name}.") from e
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(value).__name__}, not an object. Fix: re-download {path.name}.")
+    return value
+
+
+class DiffusersFolder:
+    """A Diffusers-format model folder: ``model_index.json`` and one subfolder per component."""
+
+    def __init__(self, path: Path, index: dict):
+        self.path = path
+        self.index = index
+        self._configs: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ opening and checking
+
+    @classmethod
+    def open(cls, path: Any, hint: str) -> DiffusersFolder:
+        """Check that ``path`` is a folder with a readable ``model_index.json``; ``hint`` says what to point at."""
+        if not isinstance(path, (str, Path)) or not str(path).strip():
+            raise ModelLoadError(f"model_path={path!r} is not a folder path. Fix: {hint}.")
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise ModelLoadError(f"model_path={str(root)!r} does not exist. Fix: {hint}.")
+        if not root.is_dir():
+            if root.suffix in PICKLE_SUFFIXES:
+                raise ModelLoadError(pickle_message(root))
+            raise ModelLoadError(
+                f"model_path={str(root)!r} is a file, not a folder. Single-file checkpoints are not supported. "
+                f"Fix: {hint}."
+            )
+        index_path = root / "model_index.json"
+        if not index_path.is_file():
+            raise ModelLoadError(f"{root} has no model_index.json, so it is not a Diffusers-format folder. Fix: {hint}.")
+        return cls(root, read_json_object(index_path, "model_index.json"))
+
+    @property
+    def pipeline_class(self) -> Any:
+        return self.index.get("_class_name")
+
+    def check(self, spec: ModelSpec) -> None:
+        """Every component the spec needs is present, names an allowed class, and has whole safetensors files."""
+        index_path = self.path / "model_index.json"
+        for component in spec.components:
+            entry = self.index.get(component.name)
+            if entry is None and component.optional:
+                continue
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) and entry[1]):
+                raise ModelLoadError(
+                    f"{index_path} has no '{component.name}' component. Fix: use a complete {spec.pipeline_class} folder."
+                )
+            if entry[1] not in component.classes:
+                raise ModelLoadError(
+                    f"{index_path}: component '{component.name}' is a {entry[1][:80]!r}; expected one of "
+                    f"{sorted(component.classes)}. Fix: use an official {spec.family} Diffusers folder."
+                )
+            folder = self.path / component.name
+            if not folder.is_dir():
+                raise ModelLoadError(
+                    f"{self.path} is incomplete: the '{component.name}/' folder is missing. Fix: download it again."
+                )
+            if component.role.has_weights:
+                check_weights(folder)
+            if component.role is Role.TOKENIZER and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+                raise ModelLoadError(
+                    f"{folder} has neither tokenizer.json nor spiece.model. Fix: download the tokenizer folder again."
+                )
+
+    # ------------------------------------------------------------------ ModelSource
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def identity(self) -> str:
+        return str(self.path.resolve())
+
+    def describe(self) -> dict:
+        return {"kind": "diffusers_folder", "path": str(self.path.resolve())}
+
+    def has(self, component: str) -> bool:
+        entry = self.index.get(component)
+        return isinstance(entry, list) and len(entry) == 2 and bool(entry[1]) and (self.path / component).is_dir()
+
+    def class_name(self, component: str) -> str:
+        return self.index[component][1]
+
+    def component_path(self, component: str) -> Path:
+        return self.path / component
+
+    def config(self, component: str) -> dict:
+        """The JSON config of a component (``config.json`` or the scheduler's/processor's own file), read once."""
+        if component not in self._configs:
+            for file_name in CONFIG_FILES:
+                config_path = self.path / component / file_name
+                if config_path.is_file():
+                    self._configs[component] = read_json_object(config_path, "the config")
+                    break
+            else:
+                raise ModelLoadError(
+                    f"{self.path / component} has no config file. Fix: re-download the '{component}' folder."
+                )
+        return dict(self._configs[component])
+
+    def weight_files(self, component: str) -> list[Path]:
+        return folder_weight_files(self.path / component)
+
+    def weight_bytes(self, component: str) -> int:
+        total = 0
+        for file in self.weight_files(component):
+            entries, _ = read_header(file)
+            total += sum(entry.nbytes for entry in entries.values())
+        return total
+
+    def _class(self, component: ComponentSpec) -> type:
+        name = self.class_name(component.name)
+        try:
+            return component.resolve(name)
+        except KeyError:
+            raise ModelLoadError(
+                f"{self.path / 'model_index.json'}: component '{component.name}' is a {name[:80]!r}; expected one of "
+                f"{sorted(component.classes)}."
+            ) from None
+
+    def load(self, component: ComponentSpec, dtype: torch.dtype | None) -> Any:
+        """The component in host memory: a module (eval, no grad), a tokenizer/processor, or for the scheduler its
+        ``(class name, config)`` - schedulers hold per-run state, so each run builds a fresh one."""
+        if component.role is Role.SCHEDULER:
+            return self.class_name(component.name), self.config(component.name)
+        cls = self._class(component)
+        path = str(self.path / component.name)
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if component.role.has_weights:
+            kwargs.update(dtype=dtype, use_safetensors=True)
+        elif component.role is Role.TOKENIZER:
+            kwargs.update(trust_remote_code=False)
+        try:
+            loaded = cls.from_pretrained(path, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised with the component named
+            raise ModelLoadError(
+                f"Loading '{component.name}' from {path} failed: {type(e).__name__}: {str(e)[:300]}. Fix: check that "
+                "the folder is a complete, uncorrupted download (delete and re-download the component if unsure)."
+            ) from e
+        if isinstance(loaded, nn.Module):
+            loaded = loaded.eval().requires_grad_(False)
+        return loaded
+
+    def weights(self, component: ComponentSpec, dtype: torch.dtype | None) -> SafetensorsWeights:
+        cls = self._class(component)
+        return SafetensorsWeights(
+            self.weight_files(component.name), dtype, getattr(cls, "_keep_in_fp32_modules", None),
+            describe=str(self.path / component.name),
+        )
+
+    def empty_model(self, component: ComponentSpec, dtype: torch.dtype | None) -> nn.Module:
+        cls = self._class(component)
+        return build_empty_model(cls, self.config(component.name), dtype, str(self.path / component.name))
+
+
+def check_weights(folder: Path) -> list[Path]:
+    """Return the safetensors files of a component after proving each one is whole; refuse pickles."""
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no config.json. Fix: download the '{folder.name}' folder again.")
+    files = sorted(folder.glob("*.safetensors"))
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if not files:
+        pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelLoadError(pickle_message(pickles[0]))
+        raise ModelLoadError(f"{folder} has no .safetensors weights. Fix: download the safetensors files of '{folder.name}'.")
+    for index_file in indexes:
+        try:
+            shards = set(json.loads(index_file.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise ModelLoadError(f"{index_file} is not a valid shard index ({str(e)[:200]}). Fix: re-download it.") from e
+        missing = sorted(str(s) for s in shards if not isinstance(s, str) or not (folder / s).is_file())
+        if missing:
+            raise ModelLoadError(
+                f"{folder} is incomplete: {index_file.name} lists {len(missing)} missing shard(s), first "
+                f"{missing[0][:100]}. Fix: finish the download."
+            )
+    for file in files:
+        read_header(file)
+    return files
+
+
+def open_source(description: dict) -> DiffusersFolder:
+    """Reopen a source from ``describe()`` (in a worker process)."""
+    if description.get("kind") != "diffusers_folder":
+        raise ModelLoadError(f"unknown model source kind {description.get('kind')!r}")
+    path = Path(description["path"])
+    return DiffusersFolder(path, read_json_object(path / "model_index.json", "model_index.json"))
