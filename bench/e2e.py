@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from video_offload.offload import loading  # noqa: E402
-from video_offload.offload.config import OffloadConfig, SamplingParams  # noqa: E402
-from video_offload.offload.core.loaded_model import LoadedWan  # noqa: E402
+from video_offload.offload.config import OffloadConfig, Precision, SamplingParams  # noqa: E402
+from video_offload.offload.core.loaded_model import LoadedModel  # noqa: E402
 from video_offload.offload.core.manager import OffloadManager  # noqa: E402
-from video_offload.offload.model_folder import T2V_COMPONENTS, WanModelFolder  # noqa: E402
-from video_offload.offload.core.placement import tensor_bytes  # noqa: E402
-from video_offload.offload.families.wan.tiny import _build_tokenizer  # noqa: E402
+from video_offload.offload.core.tensors import tensor_bytes  # noqa: E402
 from video_offload.offload.families.wan.shapes import CLIP_VIT_H, UMT5_XXL, WAN_DIT, WAN_VAE  # noqa: E402
+from video_offload.offload.families.wan.spec import WAN21_I2V, WAN21_T2V  # noqa: E402
+from video_offload.offload.families.wan.tiny import _build_tokenizer  # noqa: E402
 from video_offload.offload.pipeline.stages import decode_video, encode_prompts, prepare_image_condition, sample_latents  # noqa: E402
+from video_offload.offload.weights.diffusers_folder import DiffusersFolder  # noqa: E402
 
 MODES = {
     "all_resident": dict(
@@ -121,8 +121,8 @@ def build_models(sizes: dict, image_to_video: bool, dtype: torch.dtype, seed: in
     return components
 
 
-def write_config_folder(root: Path, components: dict, image_to_video: bool) -> WanModelFolder:
-    """Configs only (no weights): what the stages read (scheduler, transformer and VAE configs)."""
+def write_config_folder(root: Path, components: dict, image_to_video: bool) -> DiffusersFolder:
+    """Configs only (no weights): what the stages read (model index, scheduler, transformer and VAE configs)."""
     from diffusers import UniPCMultistepScheduler
 
     root.mkdir(parents=True, exist_ok=True)
@@ -131,9 +131,11 @@ def write_config_folder(root: Path, components: dict, image_to_video: bool) -> W
     UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
     ).save_config(root / "scheduler")
-    classes = {name: "" for name in T2V_COMPONENTS}
-    classes.update(scheduler="UniPCMultistepScheduler")
-    return WanModelFolder(root, "WanImageToVideoPipeline" if image_to_video else "WanPipeline", classes)
+    spec = WAN21_I2V if image_to_video else WAN21_T2V
+    index = {"_class_name": spec.pipeline_class}
+    index.update({c.name: ["", next(iter(c.classes))] for c in spec.components})
+    (root / "model_index.json").write_text(json.dumps(index))
+    return DiffusersFolder(root, index)
 
 
 def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -167,7 +169,7 @@ def measured(device: torch.device, out: dict):
     out["seconds"] = round(time.perf_counter() - started, 4)
 
 
-def placement_seconds(manager: OffloadManager, model: LoadedWan, name: str, config: OffloadConfig, device,
+def placement_seconds(manager: OffloadManager, model: LoadedModel, name: str, config: OffloadConfig, device,
                       repeats: int = 3) -> float:
     """One use's cost of an offloaded module: the copy of its pinned host copy to the device (median)."""
     return copy_seconds(manager._placer(model, name, pin=config.pin_cpu_memory), device, repeats)
@@ -206,7 +208,7 @@ def offload_cost_only(sizes: dict, device, bandwidth: float, emit, repeats: int 
         placer.close()
 
 
-def prepare(manager: OffloadManager, model: LoadedWan, config: OffloadConfig) -> float:
+def prepare(manager: OffloadManager, model: LoadedModel, config: OffloadConfig) -> float:
     """One-time setup for a mode, kept out of the stage timings: host arenas built and pinned, resident weights
     uploaded, the layerwise offloader constructed. What an offloaded component costs *per use* stays in the stages.
     Device copies left over from the previous mode are dropped first (host arenas are kept)."""
@@ -217,7 +219,7 @@ def prepare(manager: OffloadManager, model: LoadedWan, config: OffloadConfig) ->
         model.resources.drop_layerwise()
     if manager.device.type == "cuda":
         torch.cuda.empty_cache()
-    with manager.dit_in_use(model, config):
+    with manager.in_use(model, "transformer", config):
         pass
     for name, offloaded in (("text_encoder", config.text_encoder_cpu_offload), ("vae", config.vae_cpu_offload),
                             ("image_encoder", config.image_encoder_cpu_offload)):
@@ -225,7 +227,7 @@ def prepare(manager: OffloadManager, model: LoadedWan, config: OffloadConfig) ->
             continue
         manager._placer(model, name, pin=config.pin_cpu_memory)  # host arena (pinned) built once
         if not offloaded:
-            with manager.encoder_in_use(model, name, offloaded, config):
+            with manager.in_use(model, name, config):
                 pass
     if manager.device.type == "cuda":
         torch.cuda.synchronize()
@@ -234,7 +236,7 @@ def prepare(manager: OffloadManager, model: LoadedWan, config: OffloadConfig) ->
 
 def run_mode(manager, model, mode, options, params, image, device, bandwidth, emit) -> dict:
     config = OffloadConfig(**options)
-    name = "i2v" if model.folder.image_to_video else "t2v"
+    name = "i2v" if model.spec.image_to_video else "t2v"
     emit(dict(model=name, mode=mode, stage="setup", seconds=round(prepare(manager, model, config), 2)))
     model.prompt_cache.clear()  # every mode really encodes
     rows = {}
@@ -316,11 +318,10 @@ def main() -> int:
             started = time.perf_counter()
             components = build_models(sizes, i2v, dtype)
             components["tokenizer"] = _build_tokenizer()
-            components["scheduler"] = None
             folder = write_config_folder(Path(tmp) / kind, components, i2v)
-            components["scheduler"] = loading.load_scheduler_config(folder)
-            model = LoadedWan(folder=folder, precision=loading.Precision(dit="bfloat16" if not args.tiny else "float32"),
-                              dit_dtype=dtype, vae_dtype=torch.float32)
+            dtypes = {"transformer": dtype, "text_encoder": dtype, "vae": torch.float32, "image_encoder": torch.float32}
+            model = LoadedModel(source=folder, spec=WAN21_I2V if i2v else WAN21_T2V,
+                                precision=Precision(dit=str(dtype).removeprefix("torch.")), dtypes=dtypes)
             model.components.update(components)
             emit(dict(model=kind, stage="build_random_models", seconds=round(time.perf_counter() - started, 1),
                       bytes={k: tensor_bytes(v) for k, v in components.items() if isinstance(v, torch.nn.Module)}))

@@ -29,9 +29,9 @@ import torch
 
 # The package must be importable: `pip install -e .` here, `bench/on_device.sh` on the device machine.
 
-from video_offload.offload.direct_load import WEIGHTS_INDEX_NAME  # noqa: E402
-from video_offload.offload.layerwise import LayerwiseOffloader  # noqa: E402
 from video_offload.offload.families.wan.shapes import WAN_DIT, WAN_DIT_COMMON  # noqa: E402
+from video_offload.offload.weights.streaming import layerwise_from_pretrained  # noqa: E402
+from video_offload.offload.weights.tensor_source import WEIGHTS_INDEX_NAME  # noqa: E402
 
 GiB = 2**30
 
@@ -223,9 +223,10 @@ def setup_mode(mode: str, folder: Path, device: torch.device, dtype: torch.dtype
         model = WanTransformer3DModel.from_pretrained(str(folder), dtype=dtype).to(device)
         return Setup(model)
     if mode in ("ours_stream", "ours_auto", "ours_stream_pageable"):
-        off = LayerwiseOffloader.from_pretrained(
+        off = layerwise_from_pretrained(
             folder,
             device,
+            model_cls=WanTransformer3DModel,
             dtype=dtype,
             pin_cpu_memory=mode != "ours_stream_pageable",
             prefetch_depth=prefetch_depth,

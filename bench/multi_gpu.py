@@ -41,11 +41,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layerwise import CONFIGS, write_random_weights  # noqa: E402  (the same weights folder as the layerwise bench)
 
-from video_offload.offload.config import SamplingParams  # noqa: E402
-from video_offload.offload.distributed.launcher import WorkerGroup  # noqa: E402
-from video_offload.offload.distributed.protocol import WorkerSpec  # noqa: E402
-from video_offload.offload.loading import make_scheduler  # noqa: E402
-from video_offload.offload.sampling import Conditioning, DiTNoisePredictor, denoise, initial_noise  # noqa: E402
+from video_offload.offload.config import OffloadConfig, Precision, SamplingParams  # noqa: E402
+from video_offload.offload.core.denoise import Conditioning, denoise, guided_prediction, initial_noise, make_scheduler  # noqa: E402
+from video_offload.offload.core.manager import OffloadManager  # noqa: E402
+from video_offload.offload.core.spec import LatentSpace  # noqa: E402
+from video_offload.offload.distributed.launcher import WorkerGroup, spec_for  # noqa: E402
+from video_offload.offload.distributed.sampling import sample_payload  # noqa: E402
+from video_offload.offload.families.wan.spec import WAN21_T2V  # noqa: E402
+from video_offload.offload.weights.diffusers_folder import DiffusersFolder  # noqa: E402
 
 GiB = 2**30
 MODES = ("resident", "fsdp", "fsdp+parallel", "fsdp+cpu_offload")
@@ -123,7 +126,23 @@ def make_inputs(config: dict, args) -> tuple[Conditioning, SamplingParams, torch
     text = [torch.randn(1, 512, config["text_dim"], generator=generator).to(args.dtype) for _ in range(2)]
     params = SamplingParams(height=args.height, width=args.width, num_frames=args.frames,
                             num_inference_steps=args.steps, guidance_scale=5.0, flow_shift=3.0, seed=0)
-    return Conditioning(text[0], text[1]), params, initial_noise(params, config["in_channels"])
+    space = LatentSpace(channels=config["in_channels"], temporal_factor=4, spatial_factor=8, patch=config["patch_size"])
+    return Conditioning(text[0], text[1]), params, initial_noise(params, space)
+
+
+def model_root(folder: Path) -> DiffusersFolder:
+    """A model folder around the DiT's weights folder (index, scheduler, the DiT linked in): what workers reopen."""
+    root = folder.parent / f"{folder.name}-model"
+    root.mkdir(parents=True, exist_ok=True)
+    link = root / "transformer"
+    if not link.exists():
+        link.symlink_to(folder.resolve(), target_is_directory=True)
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": SCHEDULER[0], **SCHEDULER[1]}))
+    index = {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+             "scheduler": ["diffusers", SCHEDULER[0]]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return DiffusersFolder(root, index)
 
 
 def run_resident(folder: Path, conditioning, params, noise, args) -> tuple[dict, torch.Tensor]:
@@ -139,8 +158,10 @@ def run_resident(folder: Path, conditioning, params, noise, args) -> tuple[dict,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = StepTimer(device)
-    predictor = DiTNoisePredictor(model, conditioning, device, args.dtype)
-    latents = denoise(predictor, make_scheduler(*SCHEDULER, None), params, noise, device, timer)
+    predictor = WAN21_T2V.stages.noise_predictor(model, conditioning, device, args.dtype)
+    scheduler = make_scheduler(WAN21_T2V.component("scheduler").resolve, *SCHEDULER, None)
+    latents = denoise(lambda i, x, t: guided_prediction(predictor, x, t, params.guidance_scale), scheduler, params,
+                      noise, device, timer)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     del predictor, model
     gc.collect()
@@ -152,14 +173,18 @@ def run_resident(folder: Path, conditioning, params, noise, args) -> tuple[dict,
 
 
 def run_group(mode: str, gpus: int, folder: Path, conditioning, params, noise, args) -> tuple[dict, torch.Tensor]:
+    import dataclasses
+
     parallel, cpu_offload = GROUP_MODES[mode]
-    spec = WorkerSpec(str(folder), {torch.bfloat16: "bfloat16", torch.float32: "float32"}[args.dtype], gpus,
-                      dit_cpu_offload=cpu_offload, pin_cpu_memory=True, parallel=parallel, device=args.device)
+    model = OffloadManager(args.device).register(model_root(folder), WAN21_T2V, Precision(dit=str(args.dtype)[6:]))
+    config = OffloadConfig(num_gpus=gpus, use_fsdp_inference=True, dit_layerwise_offload=False, dit_cpu_offload=cpu_offload)
+    spec = dataclasses.replace(spec_for(model, config, parallel), pin_cpu_memory=True, device=args.device)
     started = time.perf_counter()
-    group = WorkerGroup.launch(spec, SCHEDULER)
+    group = WorkerGroup.launch(spec)
     try:
         start_s = time.perf_counter() - started
-        latents = group.sample(conditioning, params, noise)
+        payload = sample_payload(conditioning, params, SCHEDULER, noise)
+        latents = group.call("sample", payload, total_steps=params.num_inference_steps)["latents"]
         info, stats = group.info, group.last_stats
     finally:
         group.shutdown()
@@ -217,7 +242,7 @@ def main(argv=None) -> int:
     dtype_for_files = torch.bfloat16 if args.dtype == torch.bfloat16 else torch.float32
     write_s = write_random_weights(args.config, config, folder, dtype_for_files)
     conditioning, params, noise = make_inputs(config, args)
-    tokens = params.num_latent_frames * (args.height // 16) * (args.width // 16)
+    tokens = noise.shape[2] * (args.height // 16) * (args.width // 16)
     emit({"bench": "multi_gpu", "config": args.config, "video": f"{args.height}x{args.width}x{args.frames}",
           "tokens": tokens, "timed": TIMED, "torch": torch.__version__, "python": platform.python_version(),
           "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (gloo)",

@@ -88,6 +88,10 @@ class LRUCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
 
 @dataclass(eq=False)
 class LoadedModel:
