@@ -160,10 +160,13 @@ def run_resident(folder: Path, conditioning, params, noise, args) -> tuple[dict,
     timer = StepTimer(device)
     predictor = WAN21_T2V.stages.noise_predictor(model, conditioning, device, args.dtype)
     scheduler = make_scheduler(WAN21_T2V.component("scheduler").resolve, *SCHEDULER, None)
-    latents = denoise(lambda i, x, t: guided_prediction(predictor, x, t, params.guidance_scale), scheduler, params,
-                      noise, device, timer)
+
+    def predict(index, latents, t):
+        return guided_prediction(predictor, latents, t, params.guidance_scale)
+
+    latents = denoise(predict, scheduler, params, noise, device, timer)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    del predictor, model
+    predictor = model = None  # free the device before the groups start
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
