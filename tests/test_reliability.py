@@ -29,16 +29,28 @@ SIZES = dict(height=64, width=96, num_frames=9, num_inference_steps=2)
 DOC = REPO_ROOT / "docs" / "reliability.md"
 
 
+DOCUMENTED_ROWS = 49
+"""The hostile-input table's row count: a deleted (or unparseable) row fails here instead of silently not running."""
+
+
 def doc_cases() -> list[tuple]:
+    """Every row of the bad-input table: lines starting with "| <number>". A row whose cells do not parse is an
+    error, never skipped."""
     rows = []
-    for line in DOC.read_text().splitlines():
+    for number, line in enumerate(DOC.read_text().splitlines(), start=1):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 6 and cells[0][:1].isdigit():
+        if line.startswith("|") and cells[0][:1].isdigit():
+            assert len(cells) == 6, f"docs/reliability.md line {number}: {len(cells)} cells, expected 6: {line}"
             rows.append(tuple(cells))
     return rows
 
 
 CASES = doc_cases()
+
+
+def test_the_table_has_every_documented_row():
+    assert len(CASES) == DOCUMENTED_ROWS
+    assert len({case[0] for case in CASES}) == len(CASES), "row numbers repeat"
 
 
 def evaluate(expr: str):

@@ -291,18 +291,18 @@ class OffloadManager:
 
     # ------------------------------------------------------------- distributed
 
-    def worker_group(self, model: LoadedModel, config: OffloadConfig) -> Any:
-        """The FSDP worker group for this model and options: reused while they are unchanged, else restarted."""
-        from ..distributed.launcher import WorkerGroup  # the one reference to the layer above: workers on demand
-
+    def worker_group(self, model: LoadedModel, key: Any, start: Callable[[], Any]) -> Any:
+        """The model's worker group for ``key`` (the options it was launched with): the running one while the key is
+        unchanged and it is alive, else a fresh one from ``start()``. The manager owns it (it is stopped with the
+        model's other resources); the caller - the pipeline, which knows the distributed layer - says how to start it."""
         resources = model.resources
-        key = WorkerGroup.key_for(model, config)
         with self._lock:
             if resources.worker_group is not None and (resources.worker_group_key != key or not resources.worker_group.alive):
                 resources.stop_workers()
             if resources.worker_group is None:
-                resources.worker_group = WorkerGroup.start(model, config)
+                resources.worker_group = start()
                 resources.worker_group_key = key
+                self._record(model, ",".join(resources.worker_group.sharded), Placement.FSDP, "workers")
             return resources.worker_group
 
     # ---------------------------------------------------------------- memory

@@ -142,9 +142,10 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
     noise = initial_noise(params, space)
     conditioning = _with_image_condition(manager, model, config, conditioning, params)
     if config.distributed:
+        from ..distributed.launcher import WorkerGroup
         from ..distributed.sampling import sample_payload
 
-        group = manager.worker_group(model, config)
+        group = manager.worker_group(model, WorkerGroup.key_for(model, config), lambda: WorkerGroup.start(model, config))
         check_sequence_split(group.plan, space, tuple(noise.shape))
         payload = sample_payload(conditioning, params, (scheduler_class, scheduler_config), noise)
         return group.call("sample", payload, observer, total_steps=params.num_inference_steps)["latents"]
