@@ -10,8 +10,9 @@ from video_offload.offload import ConfigError
 SIZES = dict(height=64, width=96, num_frames=9, num_inference_steps=3)
 
 
-def test_i2v_matches_diffusers(tiny_i2v, start_image, diffusers_i2v_reference):
-    generator = VideoGenerator.from_pretrained(tiny_i2v, precision="float32", dit_layerwise_offload=False)
+@pytest.mark.parametrize("layerwise", [False, True], ids=["resident", "layerwise"])
+def test_i2v_matches_diffusers(tiny_i2v, start_image, diffusers_i2v_reference, layerwise):
+    generator = VideoGenerator.from_pretrained(tiny_i2v, precision="float32", dit_layerwise_offload=layerwise)
     ours = generator.generate_video("a cat", negative_prompt="blurry", image=start_image, seed=11, save_video=False, **SIZES)
     reference = diffusers_i2v_reference(start_image, "a cat", "blurry", 11, **SIZES)
     assert np.abs(ours - reference).max() <= 1e-4

@@ -24,23 +24,12 @@ from torch import nn
 from ..core.spec import ComponentSpec, ModelSpec, Role
 from ..errors import ModelLoadError
 from .safetensors_file import read_header
-from .tensor_source import SafetensorsWeights, build_empty_model, folder_weight_files
+from .tensor_source import PICKLE_SUFFIXES, SafetensorsWeights, build_empty_model, folder_weight_files, pickle_message
 
 logger = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-"""Checkpoint formats that unpickle Python objects when loaded, and so can run code: always refused."""
-
 CONFIG_FILES = ("config.json", "scheduler_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
-
-
-def pickle_message(file: Path) -> str:
-    return (
-        f"{file} is a pickle checkpoint ({file.suffix}). Loading pickles can run arbitrary code, so this pack "
-        "only loads .safetensors. Fix: download the safetensors version of the model (the official "
-        "*-Diffusers folders ship safetensors)."
-    )
 
 
 def read_json_object(path: Path, what: str) -> dict:
@@ -214,24 +203,7 @@ def check_weights(folder: Path) -> list[Path]:
     """Return the safetensors files of a component after proving each one is whole; refuse pickles."""
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no config.json. Fix: download the '{folder.name}' folder again.")
-    files = sorted(folder.glob("*.safetensors"))
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if not files:
-        pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise ModelLoadError(pickle_message(pickles[0]))
-        raise ModelLoadError(f"{folder} has no .safetensors weights. Fix: download the safetensors files of '{folder.name}'.")
-    for index_file in indexes:
-        try:
-            shards = set(json.loads(index_file.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            raise ModelLoadError(f"{index_file} is not a valid shard index ({str(e)[:200]}). Fix: re-download it.") from e
-        missing = sorted(str(s) for s in shards if not isinstance(s, str) or not (folder / s).is_file())
-        if missing:
-            raise ModelLoadError(
-                f"{folder} is incomplete: {index_file.name} lists {len(missing)} missing shard(s), first "
-                f"{missing[0][:100]}. Fix: finish the download."
-            )
+    files = folder_weight_files(folder)
     for file in files:
         read_header(file)
     return files

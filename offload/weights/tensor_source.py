@@ -36,24 +36,52 @@ WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 
 def folder_weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a Diffusers-format model folder: the shards its index names, or the single file."""
-    index_path = folder / WEIGHTS_INDEX_NAME
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelLoadError(f"{index_path}: unreadable shard index ({e}). Re-download the model.") from e
-        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+    """The safetensors files of a model folder: the shards its index names (refusing a missing one), or its files.
+
+    The one reader of shard indexes (``*.safetensors.index.json``, diffusers' and transformers' alike). Pickle
+    checkpoints are refused by name: loading them can run code.
+    """
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        names: set[str] = set()
+        for index_path in indexes:
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                names |= set(weight_map.values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+                raise ModelLoadError(f"{index_path} is not a valid shard index ({str(e)[:200]}). Fix: re-download it.") from e
+        bad = sorted(str(n)[:100] for n in names if not isinstance(n, str) or Path(n).name != n)
         if bad:
-            raise ModelLoadError(f"{index_path}: shard names must be plain file names, got {bad[0]!r}.")
-        return [folder / name for name in names]
-    if not (folder / WEIGHTS_NAME).is_file():
+            raise ModelLoadError(f"{indexes[0]}: shard names must be plain file names, got {bad[0]!r}. Fix: re-download it.")
+        missing = sorted(n for n in names if not (folder / n).is_file())
+        if missing:
+            raise ModelLoadError(
+                f"{folder} is incomplete: {indexes[0].name} lists {len(missing)} missing shard(s), first "
+                f"{missing[0][:100]}. Fix: finish the download."
+            )
+        return [folder / name for name in sorted(names)]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+        if pickles:
+            raise ModelLoadError(pickle_message(pickles[0]))
         raise ModelLoadError(
-            f"{folder}: no {WEIGHTS_NAME} and no {WEIGHTS_INDEX_NAME}. Point at the model's transformer folder "
-            "of a Diffusers-format download (safetensors weights only)."
+            f"{folder} has no .safetensors weights (no {WEIGHTS_NAME} and no shard index). Fix: download the "
+            f"safetensors files of '{folder.name}' (safetensors weights only)."
         )
-    return [folder / WEIGHTS_NAME]
+    return files
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+"""Checkpoint formats that unpickle Python objects when loaded, and so can run code: always refused."""
+
+
+def pickle_message(file: Path) -> str:
+    return (
+        f"{file} is a pickle checkpoint ({file.suffix}). Loading pickles can run arbitrary code, so this pack "
+        "only loads .safetensors. Fix: download the safetensors version of the model (the official "
+        "*-Diffusers folders ship safetensors)."
+    )
 
 
 @contextlib.contextmanager
