@@ -63,6 +63,8 @@ def offload_widgets() -> dict[str, tuple]:
             if spec.labels:
                 options.update(label_off=spec.labels[0], label_on=spec.labels[1])
             widgets[spec.name] = ("BOOLEAN", options)
+        elif spec.kind == "choice":
+            widgets[spec.name] = (list(spec.choices), {"default": spec.default, "tooltip": spec.tooltip})
         else:
             default = 0 if spec.default == "auto" else spec.default
             widgets[spec.name] = ("INT", {"default": default, "min": spec.low, "max": spec.high, "tooltip": spec.tooltip})

@@ -87,9 +87,19 @@ def test_next_option_follows_the_seed_order():
     c = OffloadConfig(image_encoder_cpu_offload=False, vae_cpu_offload=False, text_encoder_cpu_offload=False)
     assert c.next_option_to_enable() == "image_encoder_cpu_offload"
     c = OffloadConfig(text_encoder_cpu_offload=False)
-    assert c.next_option_to_enable() == "text_encoder_cpu_offload"
+    assert c.next_option_to_enable() == "vae_tiling"  # the exact memory savers come before the text encoder
+    c = OffloadConfig(text_encoder_cpu_offload=False, vae_tiling="on", dit_activation_chunking="on")
+    assert c.next_option_to_enable() == "text_encoder_layerwise_offload"  # streamed through the GPU first...
+    c = OffloadConfig(text_encoder_cpu_offload=False, vae_tiling="on", dit_activation_chunking="on",
+                      text_encoder_layerwise_offload=True)
+    assert c.next_option_to_enable() == "text_encoder_cpu_offload"  # ...then computed on the CPU
+    assert OffloadConfig(vae_tiling="on", dit_activation_chunking="on").next_option_to_enable() is None
     multi = OffloadConfig(
         num_gpus=2, use_fsdp_inference=True, dit_layerwise_offload=False, dit_cpu_offload=False,
+    )
+    assert multi.next_option_to_enable() == "vae_tiling"
+    multi = OffloadConfig(
+        num_gpus=2, use_fsdp_inference=True, dit_layerwise_offload=False, dit_cpu_offload=False, vae_tiling="on",
     )
     assert multi.next_option_to_enable() == "dit_cpu_offload"
     multi = OffloadConfig(

@@ -192,8 +192,10 @@ def test_oom_advice_follows_the_recommended_order(tiny_t2v):
     with pytest.raises(OffloadOutOfMemoryError, match="Fix: enable image_encoder_cpu_offload and vae_cpu_offload"):
         generate(tiny_t2v, manager=manager, dit_layerwise_offload=True, vae_cpu_offload=False,
                  image_encoder_cpu_offload=False, text_encoder_cpu_offload=True)
-    with pytest.raises(OffloadOutOfMemoryError, match="Every offload option is already on"):
+    with pytest.raises(OffloadOutOfMemoryError, match="Fix: enable vae_tiling=on and dit_activation_chunking=on"):
         generate(tiny_t2v, manager=manager)
+    with pytest.raises(OffloadOutOfMemoryError, match="Every offload option is already on"):
+        generate(tiny_t2v, manager=manager, vae_tiling="on", dit_activation_chunking="on")
 
 
 def test_auto_offload_walks_the_order_and_remembers(deep_t2v, layerwise_budget, caplog):

@@ -39,7 +39,7 @@ def test_the_cli_has_the_flag_with_the_default(spec):
 def test_the_node_has_the_widget_with_the_tooltip_and_bounds(spec):
     widgets = OffloadSettings.INPUT_TYPES()["required"]
     kind, options = widgets[spec.name]
-    assert kind == ("BOOLEAN" if spec.kind == "bool" else "INT")
+    assert kind == {"bool": "BOOLEAN", "int": "INT", "choice": list(spec.choices or ())}[spec.kind]
     assert spec.doc in options["tooltip"]
     if spec.kind == "int":
         assert (options["min"], options["max"]) == (spec.low, spec.high)
@@ -49,7 +49,10 @@ def test_the_node_has_the_widget_with_the_tooltip_and_bounds(spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_from_pretrained_takes_the_option(spec, tiny_t2v):
-    value = {"bool": not spec.default, "int": spec.high}[spec.kind] if spec.name != "num_gpus" else 1
+    if spec.kind == "choice":
+        value = next(c for c in spec.choices if c != spec.default)
+    else:
+        value = {"bool": not spec.default, "int": spec.high}[spec.kind] if spec.name != "num_gpus" else 1
     options = {spec.name: value}
     if spec.name == "use_fsdp_inference":
         options.update(num_gpus=2, dit_layerwise_offload=False)
@@ -67,13 +70,22 @@ def test_the_auto_ladder_and_the_advice_come_from_the_declared_order():
     for steps in (SINGLE_GPU_STEPS, MULTI_GPU_STEPS):
         assert {name for step in steps for name in step} <= names
     single = levels_for(OffloadConfig())
-    assert [sorted(k for k, v in level.items() if v) for level in single] == [
-        [], ["dit_layerwise_offload"], ["dit_layerwise_offload", "image_encoder_cpu_offload", "vae_cpu_offload"],
-        ["dit_layerwise_offload", "image_encoder_cpu_offload", "text_encoder_cpu_offload", "vae_cpu_offload"],
+    on = [sorted(k for k, v in level.items() if v in (True, "on")) for level in single]
+    assert on == [
+        [],
+        ["dit_layerwise_offload"],
+        ["dit_layerwise_offload", "image_encoder_cpu_offload", "vae_cpu_offload"],
+        ["dit_activation_chunking", "dit_layerwise_offload", "image_encoder_cpu_offload", "vae_cpu_offload",
+         "vae_tiling"],
+        ["dit_activation_chunking", "dit_layerwise_offload", "image_encoder_cpu_offload",
+         "text_encoder_layerwise_offload", "vae_cpu_offload", "vae_tiling"],
+        ["dit_activation_chunking", "dit_layerwise_offload", "image_encoder_cpu_offload", "text_encoder_cpu_offload",
+         "text_encoder_layerwise_offload", "vae_cpu_offload", "vae_tiling"],
     ]
+    assert single[0]["vae_tiling"] == "auto"  # until a step forces it, tiling decides by free memory
     multi = levels_for(OffloadConfig(num_gpus=2, use_fsdp_inference=True, dit_layerwise_offload=False))
     assert all(level["use_fsdp_inference"] and not level["dit_layerwise_offload"] for level in multi)
-    assert [level["dit_cpu_offload"] for level in multi] == [False, False, True]
+    assert [level["dit_cpu_offload"] for level in multi] == [False, False, False, True]
 
 
 @pytest.mark.parametrize("name, value", [("prefetch_depth", 9), ("prefetch_depth", 0), ("resident_blocks", 1001)])

@@ -29,7 +29,7 @@ SIZES = dict(height=64, width=96, num_frames=9, num_inference_steps=2)
 DOC = REPO_ROOT / "docs" / "reliability.md"
 
 
-DOCUMENTED_ROWS = 49
+DOCUMENTED_ROWS = 52
 """The hostile-input table's row count: a deleted (or unparseable) row fails here instead of silently not running."""
 
 
@@ -74,7 +74,8 @@ def node_env(tiny_t2v, tmp_path_factory):
         "VideoOffloadSettings": dict(
             model=model, num_gpus=1, use_fsdp_inference=False, dit_cpu_offload=True,
             dit_layerwise_offload=True, text_encoder_cpu_offload=True, image_encoder_cpu_offload=True,
-            vae_cpu_offload=True, pin_cpu_memory=True, prefetch_depth=1, resident_blocks=0, auto_resident_blocks=False,
+            vae_cpu_offload=True, pin_cpu_memory=True, text_encoder_layerwise_offload=False, vae_tiling="auto",
+            dit_activation_chunking="auto", prefetch_depth=1, resident_blocks=0, auto_resident_blocks=False,
             auto_offload=False,
         ),
         "VideoOffloadEncodePrompt": dict(model=model, prompt="a cat", negative_prompt=""),

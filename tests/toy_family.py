@@ -161,6 +161,9 @@ class ToyStages:
     def sequence_parallel_heads(self, dit_config) -> None:
         return None  # no Ulysses for the toy: CFG split and FSDP only
 
+    def tokenwise_modules(self, dit) -> list:
+        return []
+
 
 def parallelize_toy(model, plan, device, *, cpu_offload, pin_memory):
     return parallelize(model, plan, device, cpu_offload=cpu_offload, pin_memory=pin_memory)

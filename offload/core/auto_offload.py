@@ -14,19 +14,20 @@ import dataclasses
 from ..config import OffloadConfig
 
 
-def levels_for(config: OffloadConfig) -> tuple[dict[str, bool], ...]:
+def levels_for(config: OffloadConfig) -> tuple[dict, ...]:
     """Level 0 is the fastest placement; level i turns on the first i steps of the recommended order. On several
-    GPUs the first step (FSDP itself) is always taken, so level 0 is plain FSDP."""
+    GPUs the first step (FSDP itself) is always taken, so level 0 is plain FSDP. A choice option (tiling, chunking)
+    keeps the config's own value - its "auto" already decides by free memory - until a step forces it "on"."""
     steps = config.recommended_steps()
     names = sorted({name for step in steps for name in step} | {"dit_layerwise_offload", "dit_cpu_offload"})
-    off = {name: False for name in names}
+    off = {name: getattr(config, name) if isinstance(getattr(config, name), str) else False for name in names}
     if config.num_gpus > 1:
         off["use_fsdp_inference"] = True
         steps = steps[1:]
     levels = [dict(off)]
     current = dict(off)
     for step in steps:
-        current.update({name: True for name in step})
+        current.update({name: "on" if isinstance(off[name], str) else True for name in step})
         levels.append(dict(current))
     return tuple(levels)
 
@@ -36,8 +37,8 @@ def config_at_level(config: OffloadConfig, level: int) -> OffloadConfig:
     return dataclasses.replace(config, auto_offload=False, **levels_for(config)[level])
 
 
-def describe(options: dict[str, bool]) -> str:
-    on = [name for name, value in options.items() if value and name != "use_fsdp_inference"]
+def describe(options: dict) -> str:
+    on = [name for name, value in options.items() if value in (True, "on") and name != "use_fsdp_inference"]
     base = "FSDP" if options.get("use_fsdp_inference") else ""
     text = ", ".join(on) if on else "everything resident"
     return f"{base} + {text}" if base and on else (base or text)

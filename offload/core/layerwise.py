@@ -113,6 +113,23 @@ def _check_options(pin_cpu_memory: bool, prefetch_depth: int, resident_blocks: i
     option_spec("resident_blocks").validate(resident_blocks)
 
 
+def _to(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def _inputs_to_host(module: nn.Module, args, kwargs):
+    cpu = torch.device("cpu")
+    return _to(args, cpu), {k: _to(v, cpu) for k, v in kwargs.items()}
+
+
+def _output_to(device: torch.device, module: nn.Module, args, output):
+    return _to(output, device)
+
+
 def _describe(t: torch.Tensor | None) -> str:
     return "absent" if t is None else f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
 
@@ -135,12 +152,17 @@ class LayerwiseOffloader:
         prefetch_depth: int = 1,
         resident_blocks: int | Literal["auto"] = 0,
         weights: WeightSource | None = None,
+        host_modules: tuple[str, ...] = (),
     ):
         """Adopt ``model``: lay its blocks out in host memory, move everything else to ``device``, install hooks.
 
         ``weights`` says where tensor values come from; None (the default) means the model's own CPU tensors,
         whose memory is released block by block as it is copied into the arena, so host memory peaks at about one
         model plus one tensor. ``layerwise_from_pretrained`` passes a reader of the model's safetensors files instead.
+
+        ``host_modules`` (names of submodules outside the blocks) stay in host memory and run on the CPU, their
+        inputs brought over and their outputs sent to ``device``: for large lookup tables (a text encoder's 256k-row
+        embedding is 2 GB, of which a prompt reads 512 rows).
         """
         _check_options(pin_cpu_memory, prefetch_depth, resident_blocks)
         self.device = _resolve_device(device)
@@ -179,6 +201,8 @@ class LayerwiseOffloader:
         self._handles: list = []
         self._non_block: list[torch.Tensor] = []
         self._closed = False
+        self._released = False
+        self._host_modules = [model.get_submodule(name) for name in host_modules]
 
         # Build host views and GPU copies outside inference mode, so they are ordinary tensors whatever the caller's
         # mode (ComfyUI loads models inside torch.inference_mode()).
@@ -195,6 +219,7 @@ class LayerwiseOffloader:
                 self._fill_host_copies(refs, weights)
                 # Identities after rebinding, which replaces meta tensors with new objects.
                 block_ids = {id(ref.get()) for block_refs in refs for ref in block_refs}
+                block_ids |= {id(ref.get()) for m in self._host_modules for ref in tensor_refs(m, unique=False)}
                 self._non_block = self._place_non_block(block_ids, weights or _copy_current)
             # The tensor objects to re-point, per block, in layout order.
             self._tensors = [[ref.get() for ref in block_refs] for block_refs in refs]
@@ -355,6 +380,9 @@ class LayerwiseOffloader:
             # always_call: also runs when the forward raises, so an aborted measurement is dropped.
             self.model.register_forward_hook(self._on_forward_exit, always_call=True),
         ]
+        for module in self._host_modules:
+            handles.append(module.register_forward_pre_hook(_inputs_to_host, with_kwargs=True))
+            handles.append(module.register_forward_hook(functools.partial(_output_to, self.device)))
         for i, block in enumerate(self.blocks):
             handles.append(block.register_forward_pre_hook(functools.partial(self._before_block, i)))
             # always_call: a block that raises still gives its slot back and returns to host views.
@@ -477,6 +505,8 @@ class LayerwiseOffloader:
 
     def _on_forward_start(self, module: nn.Module, args, kwargs) -> None:
         self._forwards += 1
+        if self._released:
+            self._restore_device()
         if self._active is not None:
             self._recover()
         if self.resident_option == "auto":
@@ -556,6 +586,40 @@ class LayerwiseOffloader:
             return "slot"
         return "elsewhere"
 
+    def release_device(self) -> None:
+        """Free every device allocation between uses - slots, resident blocks, the weights outside the blocks (back
+        to host memory) - and keep the pinned host arena and the hooks: the next forward places them again. For a
+        component used once per prompt (a streamed text encoder), so its slots do not sit beside the DiT's."""
+        if self._closed or self._released:
+            return
+        self._reset_pipeline()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # one-off: nothing in flight may still read what is freed
+        with torch.inference_mode(False), torch.no_grad():
+            for i in list(self._resident_flat):
+                self._point(i, self._host_views[i])
+            for t in self._non_block:
+                if t.device.type != "cpu":
+                    t.data = t.data.to("cpu")
+        self._resident_flat.clear()
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
+            self._slot_views = []
+        self._free.clear()
+        self._released = True
+
+    def _restore_device(self) -> None:
+        self._released = False
+        with torch.inference_mode(False), torch.no_grad():
+            for t in self._non_block:
+                t.data = t.data.to(self.device)
+        self._apply_placement(self._resident_mask)
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
     def stats(self) -> LayerwiseStats:
         num_blocks = len(self.blocks)
         return LayerwiseStats(
@@ -568,7 +632,7 @@ class LayerwiseOffloader:
             pinned_bytes=self._arena.nbytes if self._arena.pinned else 0,
             slot_bytes=self._slots.total_bytes if self._slots else 0,
             resident_bytes=len(self._resident_flat) * self.layout.nbytes,
-            non_block_bytes=0 if self._closed else sum(t.numel() * t.element_size() for t in self._non_block),
+            non_block_bytes=0 if self._closed or self._released else sum(t.numel() * t.element_size() for t in self._non_block),
             transfers=self._transfers,
             transferred_bytes=self._transfers * self.layout.nbytes,
             forwards=self._forwards,

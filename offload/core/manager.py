@@ -29,7 +29,7 @@ from ..errors import OffloadOutOfMemoryError
 from .auto_offload import config_at_level, describe, levels_for
 from .layerwise import LayerwiseOffloader
 from .loaded_model import LoadedModel
-from .memory_guard import BudgetExceeded, oom_guard
+from .memory_guard import BudgetExceeded, available_device_bytes, oom_guard
 from .placement import ModulePlacer, Placement
 from .spec import ModelSource, ModelSpec, Role, find_block_list
 from .tensors import tensor_bytes
@@ -179,6 +179,8 @@ class OffloadManager:
         """Yield component ``name`` ready to run, and the device it runs on, placed by its role.
 
         - text encoder with ``text_encoder_cpu_offload``: weights and compute on the CPU (FastVideo's meaning);
+          with ``text_encoder_layerwise_offload`` instead: weights in host memory, blocks streamed through the device,
+          whose memory is given back after the encode;
         - image encoder / VAE with their cpu offload: copied to the device for the call and the copy dropped after -
           no copy back, the host copy never changed;
         - without offload: placed on the device and kept there (a text encoder only while the device has room);
@@ -190,15 +192,27 @@ class OffloadManager:
                 yield dit, self.device
             return
         cpu_offload = getattr(config, OFFLOAD_OPTION_OF_ROLE[role])
-        module = self.component(model, name)
         if role is Role.TEXT_ENCODER and cpu_offload:
+            module = self.component(model, name)
             self._log_once(f"{model.name}/{name}: weights and compute on CPU (text_encoder_cpu_offload)")
+            model.resources.drop_layerwise(name)
             placer = model.resources.placers.get(name)
             if placer is not None:
                 placer.to_host()
             self._record(model, name, Placement.HOST_PAGEABLE, "cpu")
             yield module, torch.device("cpu")
             return
+        if role is Role.TEXT_ENCODER and config.text_encoder_layerwise_offload:
+            with self._lock, oom_guard(f"{name} streamed on {self.device}", config, self.device):
+                module = self._place_layerwise(model, name, config, resident_blocks=0)
+                self._record(model, name, Placement.LAYERWISE, self.device)
+                try:
+                    yield module, self.device
+                finally:
+                    model.resources.offloaders[name].release_device()
+            return
+        module = self.component(model, name)
+        model.resources.drop_layerwise(name)
         with self._lock, oom_guard(f"{name} on {self.device}", config, self.device):
             placer = self._placer(model, name, pin=config.pin_cpu_memory)
             self._place(model, name, placer, keep=not cpu_offload)
@@ -234,7 +248,7 @@ class OffloadManager:
             )
         with self._lock, oom_guard("DiT sampling", config, self.device):
             if config.dit_layerwise_offload:
-                dit = self._place_dit_layerwise(model, name, config)
+                dit = self._place_layerwise(model, name, config, config.resident_blocks)
                 self._record(model, name, Placement.LAYERWISE, self.device)
             else:
                 model.resources.drop_layerwise(name)
@@ -243,33 +257,36 @@ class OffloadManager:
                 self._record(model, name, Placement.GPU, self.device)
             yield dit
 
-    def _place_dit_layerwise(self, model: LoadedModel, name: str, config: OffloadConfig) -> nn.Module:
+    def _place_layerwise(self, model: LoadedModel, name: str, config: OffloadConfig, resident_blocks) -> nn.Module:
+        """Component ``name`` (a DiT, or a streamed text encoder) with its blocks streaming from host memory."""
         resources = model.resources
-        key = (config.pin_cpu_memory, config.prefetch_depth, config.resident_blocks)
+        key = (config.pin_cpu_memory, config.prefetch_depth, resident_blocks)
         if name in resources.offloaders and resources.offloader_keys[name] == key:
             return resources.offloaders[name].model
         resources.drop_layerwise(name)
         placer = resources.placers.pop(name, None)
         if placer is not None:
-            placer.close()
+            placer.close()  # unpinned; the module's tensors are its (then pageable) arena views, adopted below
+        component = model.spec.component(name)
         options = dict(
             pin_cpu_memory=config.pin_cpu_memory,
             prefetch_depth=config.prefetch_depth,
-            resident_blocks=config.resident_blocks,
+            resident_blocks=resident_blocks,
+            host_modules=component.host_modules,
         )
-        if name in model.components:
-            dit = model.components[name]
-            _, blocks = find_block_list(dit)
-            offloader = LayerwiseOffloader(dit, blocks, self.device, **options)
+        if name in model.components or component.role is not Role.DIT:
+            # Adopt the module loaded in host memory (its tensors move into the arena block by block).
+            module = self.component(model, name)
+            _, blocks = find_block_list(module)
+            offloader = LayerwiseOffloader(module, blocks, self.device, **options)
         else:
-            # Straight from the files into the pinned host arena: the DiT is never whole in memory twice.
-            component = model.spec.component(name)
+            # A DiT straight from the files into the pinned host arena: never whole in memory twice.
             dtype = model.dtypes.get(name)
             with model.source.weights(component, dtype) as weights:
-                dit = model.source.empty_model(component, dtype)
-                weights.apply_dtypes(dit)
-                _, blocks = find_block_list(dit)
-                offloader = LayerwiseOffloader(dit, blocks, self.device, weights=weights, **options)
+                module = model.source.empty_model(component, dtype)
+                weights.apply_dtypes(module)
+                _, blocks = find_block_list(module)
+                offloader = LayerwiseOffloader(module, blocks, self.device, weights=weights, **options)
             model.components[name] = offloader.model.requires_grad_(False)
         resources.offloaders[name], resources.offloader_keys[name] = offloader, key
         try:
@@ -322,6 +339,14 @@ class OffloadManager:
                 total += stats.slot_bytes + stats.resident_bytes + stats.non_block_bytes
         return total
 
+    def available_bytes(self) -> int | None:
+        """What may still be allocated on the device (the budget's remainder when one is set); None when unknown."""
+        available = available_device_bytes(self.device)
+        if self.memory_budget is not None:
+            remainder = max(self.memory_budget - self.device_bytes(), 0)
+            available = remainder if available is None else min(available, remainder)
+        return available
+
     def _reserve(self, nbytes: int) -> None:
         """Check the budget and let the host make room before ``nbytes`` more are placed on the device."""
         if self.memory_budget is not None:
@@ -372,6 +397,10 @@ class OffloadManager:
             self.release(model)
 
     # ------------------------------------------------------------------ helpers
+
+    def log_once(self, message: str) -> None:
+        """Log ``message`` at INFO the first time only (a decision repeated every run is said once)."""
+        self._log_once(message)
 
     def _log_once(self, message: str) -> None:
         if message not in self._logged:

@@ -32,7 +32,7 @@ def oom_advice(config: OffloadConfig) -> str:
         )
     if step == ("use_fsdp_inference",):
         return "Fix: enable use_fsdp_inference (with dit_layerwise_offload=False) to shard the DiT over the GPUs."
-    names = " and ".join(name for name in step)
+    names = " and ".join(name if isinstance(getattr(config, name), bool) else f"{name}=on" for name in step)
     first = config.recommended_steps()[0] == step
     which = "the first step of the recommended order on one GPU" if first else "the next step of the recommended order"
     return f"Fix: enable {names} ({which})."
@@ -44,6 +44,20 @@ def device_memory(device: torch.device) -> tuple[int | None, int | None]:
         return None, None
     free, total = torch.cuda.mem_get_info(device)
     return int(free), int(total)
+
+
+def available_device_bytes(device: torch.device) -> int | None:
+    """What this process could still allocate on a CUDA device: driver-free memory plus the caching allocator's
+    unused reserve, capped by a per-process memory fraction when one is set; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:
+        available = min(available, int(fraction(device) * total) - allocated)
+    return max(int(available), 0)
 
 
 @contextlib.contextmanager

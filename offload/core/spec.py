@@ -72,6 +72,9 @@ class ComponentSpec:
     """Which precision option sets its dtype: ``dit`` (DiT and text encoder) or ``vae`` (VAE, image encoder)."""
     optional: bool = False
     """May be absent from a model (Wan2.2's second expert in a Wan2.1 folder, say)."""
+    host_modules: tuple[str, ...] = ()
+    """When the component streams layer by layer, these submodules stay in host memory and run on the CPU (large
+    lookup tables such as a text encoder's token embedding, of which one prompt reads a few rows)."""
 
     def resolve(self, class_name: str) -> type:
         """The class for ``class_name``; only names on the allow-list are ever imported."""
@@ -193,6 +196,9 @@ class FamilyStages(Protocol):
         """Normalised latents -> frames ``[F, H, W, 3]`` float32 in 0..1."""
     def sequence_parallel_heads(self, dit_config: dict) -> int | None:
         """Attention heads that Ulysses splits over GPUs; None if the DiT does not support sequence parallelism."""
+    def tokenwise_modules(self, dit: nn.Module) -> list[nn.Module]:
+        """The DiT's modules that act on each token independently (feed-forward networks), with the sequence on
+        dim 1 of their input and output: they may run over chunks of the sequence with the same result."""
 
 
 @dataclass(frozen=True)

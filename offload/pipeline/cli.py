@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         if spec.kind == "bool":
             offload.add_argument(spec.flag, type=_bool, nargs="?", const=True, default=spec.default, metavar="BOOL",
                                  help=f"{spec.doc} (default {spec.default})")
+        elif spec.kind == "choice":
+            offload.add_argument(spec.flag, choices=spec.choices, default=spec.default,
+                                 help=f"{spec.doc} (default {spec.default})")
         else:
             offload.add_argument(spec.flag, type=_int_or_auto if spec.auto else int, default=spec.default,
                                  metavar='N|auto' if spec.auto else "N", help=f"{spec.doc} (default {spec.default})")

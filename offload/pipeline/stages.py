@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..config import OffloadConfig, Precision, SamplingParams, validate_prompt
+from ..core.chunking import configure_chunking, plan_chunking, tokenwise_bytes_per_token
 from ..core.denoise import Conditioning, StepObserver, denoise, guided_prediction, initial_noise, make_scheduler
 from ..core.loaded_model import LoadedModel
 from ..core.manager import OffloadManager
@@ -156,6 +157,7 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
         predictors = {}
         for name in dits:
             dit, device = stack.enter_context(manager.in_use(model, name, config))
+            _chunk_tokenwise_layers(manager, model, name, dit, config, space.tokens(noise.shape))
             predictors[name] = stages.noise_predictor(dit, conditioning, device, model.dtypes[name])
 
         def predict(index: int, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -174,6 +176,21 @@ def check_sequence_split(plan: Any, space: LatentSpace, latent_shape: tuple[int,
         f"pick height and width such that (height/{space.pixel_multiple}) x (width/{space.pixel_multiple}) x latent "
         f"frames is a multiple of {plan.sp} (480x832 and 720x1280 are)",
     )
+
+
+def _chunk_tokenwise_layers(manager, model: LoadedModel, name: str, dit, config: OffloadConfig, tokens: int) -> None:
+    """``dit_activation_chunking``: run the DiT's token-wise layers over chunks of the sequence when asked, or (auto)
+    when the device's free memory is short for them; logged when it changes."""
+    modules = model.spec.stages.tokenwise_modules(dit)
+    if not modules:
+        return
+    per_token = tokenwise_bytes_per_token(modules[0])
+    size = plan_chunking(config.dit_activation_chunking, tokens, per_token, manager.available_bytes())
+    configure_chunking(modules, size)
+    message = (f"{model.name}/{name}: token-wise layers run whole ({tokens} tokens)" if size is None else
+               f"{model.name}/{name}: token-wise layers run in chunks of {size} of {tokens} tokens "
+               f"(dit_activation_chunking={config.dit_activation_chunking}; {tokens * per_token / 2**30:.2f} GiB unchunked)")
+    manager.log_once(message)
 
 
 def prepare_image_condition(

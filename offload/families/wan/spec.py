@@ -15,7 +15,10 @@ from ...distributed.sampling import sample_in_workers
 from .parallelize import parallelize_wan
 
 TOKENIZER = ComponentSpec("tokenizer", Role.TOKENIZER, lazy_classes("transformers", "T5Tokenizer", "T5TokenizerFast", "AutoTokenizer"))
-TEXT_ENCODER = ComponentSpec("text_encoder", Role.TEXT_ENCODER, lazy_classes("transformers", "UMT5EncoderModel", "T5EncoderModel"), precision="dit")
+TEXT_ENCODER = ComponentSpec(
+    "text_encoder", Role.TEXT_ENCODER, lazy_classes("transformers", "UMT5EncoderModel", "T5EncoderModel"),
+    precision="dit", host_modules=("shared", "encoder.embed_tokens"),
+)
 TRANSFORMER = ComponentSpec("transformer", Role.DIT, lazy_classes("diffusers", "WanTransformer3DModel"), precision="dit")
 VAE = ComponentSpec("vae", Role.VAE, lazy_classes("diffusers", "AutoencoderKLWan"), precision="vae")
 SCHEDULER = ComponentSpec("scheduler", Role.SCHEDULER, lazy_classes("diffusers", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"))
@@ -98,6 +101,9 @@ class WanStages:
 
     def sequence_parallel_heads(self, dit_config: dict) -> int | None:
         return int(dit_config.get("num_attention_heads", 40))
+
+    def tokenwise_modules(self, dit: nn.Module) -> list[nn.Module]:
+        return [block.ffn for block in dit.blocks]
 
 
 STAGES = WanStages()
