@@ -1,21 +1,25 @@
-"""End-to-end stage timings and peak VRAM for Wan2.1 14B T2V and I2V under the seed's offload settings.
+"""End-to-end stage timings and peak VRAM for Wan2.1 T2V and I2V, under a VRAM cap, as a consumer GPU would run them.
 
-Real-size configs with random weights (shapes decide speed, not values): UMT5-XXL text encoder, Wan2.1 14B DiT
-(T2V and I2V), CLIP ViT-H/14 image encoder, Wan VAE. Models are built in host memory (no 60 GB of files on the
+Real-size configs with random weights (shapes decide speed, not values): UMT5-XXL text encoder, Wan2.1 14B (T2V,
+I2V) and 1.3B DiTs, CLIP ViT-H/14 image encoder, Wan VAE. Models are built in host memory (no 60 GB of files on the
 device's disk) and run through the pack's own manager and stages, exactly as the nodes run them.
 
-One JSON object per row on stdout: model, mode (which offload options), stage, seconds, peak VRAM, and for the
-offloaded VAE/image encoder the seconds spent placing their weights against bytes / measured H2D bandwidth.
+A scenario is a model, a video size, a set of options and a VRAM cap (``torch.cuda.set_per_process_memory_fraction``,
+as a smaller card would impose it). One JSON object per row on stdout: per stage (text encode, start-frame encode,
+sampling, decode) the seconds and the peak allocated and reserved bytes; per scenario the whole-run peak and time
+(text encode excluded) against the all-resident run of the same model and size. Extra rows: the text encoder
+streamed through the GPU against the resident one (time, peak, bit-exactness), the DiT's feed-forward in chunks
+against whole (bit-exactness on a real-size block), the VAE decode tiled against untiled (peak, time, max diff).
 
-    python bench/e2e.py               # on a GPU: the full run (about 6 minutes on one H100)
-    python bench/e2e.py --tiny        # on a CPU: the same code path on tiny configs, seconds
+    python bench/e2e.py                   # on a GPU: the issue-10 plan (see PLANS)
+    python bench/e2e.py --plan quick      # 480p only
+    python bench/e2e.py --tiny            # on a CPU: the same code path on tiny configs, seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import tempfile
 import time
@@ -35,7 +39,8 @@ from video_offload.offload.weights.diffusers_folder import DiffusersFolder  # no
 
 MODES = {
     "all_resident": dict(
-        dit_layerwise_offload=False, image_encoder_cpu_offload=False, vae_cpu_offload=False, text_encoder_cpu_offload=False
+        dit_layerwise_offload=False, image_encoder_cpu_offload=False, vae_cpu_offload=False, text_encoder_cpu_offload=False,
+        vae_tiling="off", dit_activation_chunking="off",
     ),
     "layerwise": dict(
         dit_layerwise_offload=True, image_encoder_cpu_offload=False, vae_cpu_offload=False, text_encoder_cpu_offload=False
@@ -165,8 +170,19 @@ def measured(device: torch.device, out: dict):
     yield
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        out["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        out["peak_vram_gib"] = round(out["peak_allocated_bytes"] / 2**30, 3)
     out["seconds"] = round(time.perf_counter() - started, 4)
+
+
+def set_vram_cap(device: torch.device, cap_gib: float | None) -> None:
+    """Cap what this process may allocate on the GPU, the way a smaller card would (None: the whole GPU)."""
+    if device.type != "cuda":
+        return
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap_gib is None else min(1.0, cap_gib * 2**30 / total), device)
 
 
 def placement_seconds(manager: OffloadManager, model: LoadedModel, name: str, config: OffloadConfig, device,
@@ -234,16 +250,38 @@ def prepare(manager: OffloadManager, model: LoadedModel, config: OffloadConfig) 
     return time.perf_counter() - started
 
 
-def run_mode(manager, model, mode, options, params, image, device, bandwidth, emit) -> dict:
-    config = OffloadConfig(**options)
-    name = "i2v" if model.spec.image_to_video else "t2v"
-    emit(dict(model=name, mode=mode, stage="setup", seconds=round(prepare(manager, model, config), 2)))
-    model.prompt_cache.clear()  # every mode really encodes
+PLANS = {
+    # (kind, dit, height, width, frames, mode, VRAM cap in GiB or None for the whole GPU)
+    "full": [
+        ("t2v", "14B", 480, 832, 81, "all_resident", None),
+        ("t2v", "14B", 480, 832, 81, "seed_defaults", 6.0),
+        ("t2v", "14B", 720, 1280, 81, "seed_defaults", 8.0),
+        ("i2v", "14B", 480, 832, 81, "all_resident", None),
+        ("i2v", "14B", 480, 832, 81, "seed_defaults", 6.0),
+        ("t2v", "1.3B", 480, 832, 81, "seed_defaults", 4.0),
+    ],
+}
+PLANS["quick"] = [row for row in PLANS["full"] if row[2] == 480 and row[1] == "14B"]
+PEAK_TARGET_GIB = {("14B", 480): 5.0, ("14B", 720): 7.5, ("1.3B", 480): 3.0}
+"""Issue 10's whole-run peak allocated targets (text encode, start-frame encode, sampling and decode)."""
+
+
+def run_scenario(manager, model, mode, params, image, device, emit, label: dict) -> dict:
+    config = OffloadConfig(**MODES[mode])
+    emit(dict(**label, stage="setup", seconds=round(prepare(manager, model, config), 2)))
+    # The prompt cache is kept only while the text encoder's placement is the same as in the last scenario: the
+    # same encode on the same device would measure nothing new (on the CPU, under the defaults, it takes seconds).
+    text_mode = (config.text_encoder_cpu_offload, config.text_encoder_layerwise_offload)
+    if getattr(model, "bench_text_mode", None) != text_mode:
+        model.prompt_cache.clear()
+        model.bench_text_mode = text_mode
+    cached = len(model.prompt_cache) > 0
     rows = {}
     out = {}
     with measured(device, out):
         conditioning = encode_prompts(manager, model, config, "A majestic lion strides across the golden savanna.",
                                       "blurry, low quality", image)
+    out["prompt_cache_hit"] = cached
     rows["encode"] = out
     if image is not None:  # the VAE encode of the start frame, so "sample" is the DiT alone
         out = {}
@@ -257,42 +295,92 @@ def run_mode(manager, model, mode, options, params, image, device, bandwidth, em
     rows["sample"] = out
     out = {}
     with measured(device, out):
-        decode_video(manager, model, config, latents)
+        frames = decode_video(manager, model, config, latents)
+    out["frames_shape"] = list(frames.shape)
     rows["decode"] = out
     for stage, row in rows.items():
-        emit(dict(model=name, mode=mode, stage=stage, **row))
-    offloaded = [c for c, on in (("vae", config.vae_cpu_offload), ("image_encoder", config.image_encoder_cpu_offload))
-                 if on and c in model.components]
-    for comp in offloaded:
-        seconds = placement_seconds(manager, model, comp, config, device)
-        nbytes = manager._placer(model, comp, pin=config.pin_cpu_memory).nbytes
-        ideal = nbytes / (bandwidth * 1e9) if bandwidth == bandwidth else None
-        emit(dict(
-            model=name, mode=mode, stage=f"offload_cost_per_use_{comp}", seconds=round(seconds, 4), bytes=nbytes,
-            bytes_over_h2d_s=None if ideal is None else round(ideal, 4),
-            ratio=None if ideal is None else round(seconds / ideal, 3),
-        ))
+        emit(dict(**label, stage=stage, **row))
     return rows
+
+
+def text_encoder_streaming_rows(manager, model, device, emit) -> None:
+    """UMT5 with its blocks streamed through the GPU against the same encoder resident: time, peak, equality."""
+    prompt = "A majestic lion strides across the golden savanna, slow motion, golden hour. " * 8
+    results = {}
+    model.bench_text_mode = None
+    for mode, options in (("resident", dict(text_encoder_cpu_offload=False)),
+                          ("streamed", dict(text_encoder_cpu_offload=False, text_encoder_layerwise_offload=True))):
+        config = OffloadConfig(**{**MODES["seed_defaults"], **options})
+        model.prompt_cache.clear()
+        encode_prompts(manager, model, config, "warm up")  # one-time placement (pinning the host copy) untimed
+        model.prompt_cache.clear()
+        out = {}
+        with measured(device, out):
+            conditioning = encode_prompts(manager, model, config, prompt)
+        results[mode] = conditioning.prompt_embeds
+        manager.release(model)
+        emit(dict(model="umt5-xxl", mode=mode, stage="text_encode_512_tokens", **out))
+    emit(dict(model="umt5-xxl", stage="text_encode_streamed_vs_resident",
+              bit_exact=bool(torch.equal(results["resident"], results["streamed"]))))
+
+
+def chunked_ffn_rows(transformer, device, emit, tokens: int) -> None:
+    """A real-size DiT block's feed-forward over sequence chunks against whole: bit-exactness and peak."""
+    from video_offload.offload.core.chunking import ChunkingConfig, apply_sequence_chunking, remove_sequence_chunking
+
+    import copy
+
+    ffn = copy.deepcopy(transformer.blocks[0].ffn).to(device)  # a device copy: the shared model stays untouched
+    placer_dtype = next(ffn.parameters()).dtype
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(1, tokens, ffn.net[0].proj.in_features, generator=generator) * 0.5).to(device, placer_dtype)
+    results = {}
+    for mode, size in (("whole", None), ("chunked_8192", 8192), ("chunked_4096", 4096)):
+        if size is None:
+            remove_sequence_chunking(ffn)
+        else:
+            apply_sequence_chunking(ffn, ChunkingConfig(size))
+        out = {}
+        with torch.no_grad(), measured(device, out):
+            results[mode] = ffn(x)
+        emit(dict(model="dit-ffn", mode=mode, tokens=tokens, stage="ffn_forward", **out,
+                  bit_exact_vs_whole=bool(torch.equal(results[mode], results["whole"]))))
+
+
+def summarize(label: dict, rows: dict, resident: dict | None, emit) -> dict:
+    stages = [k for k in rows if k != "encode"]
+    peaks = [r.get("peak_allocated_bytes", 0) for r in rows.values()]
+    summary = dict(**label, stage="run", whole_run_peak_allocated_gib=round(max(peaks) / 2**30, 3),
+                   whole_run_peak_reserved_gib=round(max(r.get("peak_reserved_bytes", 0) for r in rows.values()) / 2**30, 3),
+                   seconds_excluding_text_encode=round(sum(rows[k]["seconds"] for k in stages), 3))
+    target = PEAK_TARGET_GIB.get((label["dit"], label["height"]))
+    if target is not None and label.get("vram_cap_gib") is not None:
+        summary["peak_target_gib"] = target
+        summary["peak_within_target"] = summary["whole_run_peak_allocated_gib"] <= target
+    if resident is not None:
+        base = sum(resident[k]["seconds"] for k in resident if k != "encode")
+        summary["time_ratio_vs_all_resident"] = round(summary["seconds_excluding_text_encode"] / base, 4)
+        summary["dit_step_ratio_vs_all_resident"] = round(rows["sample"]["s_per_step"] / resident["sample"]["s_per_step"], 4)
+        summary["time_within_1.05x"] = summary["time_ratio_vs_all_resident"] <= 1.05
+        summary["step_within_1.02x"] = summary["dit_step_ratio_vs_all_resident"] <= 1.02
+    emit(summary)
+    return summary
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU: a smoke test of this script")
+    parser.add_argument("--plan", default="full", choices=sorted(PLANS))
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--out", default=None, help="also append the JSON rows to this file")
+    parser.add_argument("--no-extras", action="store_true", help="skip the text-encoder and feed-forward rows")
     parser.add_argument("--offload-cost-only", action="store_true",
                         help="only the per-use copy cost of the offloaded VAE and image encoder (21 repeats)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    sizes = TINY if args.tiny else dict(umt5=UMT5_XXL, dit=WAN_14B, clip=CLIP_VIT_H, vae=WAN_VAE)
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    height, width = (64, 96) if args.tiny else (480, 832)
-    frames = 9 if args.tiny else args.frames
-    params = SamplingParams(height=height, width=width, num_frames=frames, num_inference_steps=args.steps)
-    out_file = open(args.out, "a") if args.out else None
-    summary = {}
+    out_file = open(args.out, "a") if args.out else None  # noqa: SIM115 - closed at exit
 
     def emit(row):
         line = json.dumps(row)
@@ -302,49 +390,72 @@ def main() -> int:
             out_file.flush()
 
     bandwidth = h2d_bandwidth(device)
-    emit(dict(stage="h2d_bandwidth", gb_per_s=round(bandwidth, 2), device=torch.cuda.get_device_name(device)
-              if device.type == "cuda" else "cpu", torch=torch.__version__))
+    emit(dict(stage="environment", h2d_gb_per_s=round(bandwidth, 2), torch=torch.__version__,
+              device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              total_gib=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+              if device.type == "cuda" else None))
+    sizes_14b = TINY if args.tiny else dict(umt5=UMT5_XXL, dit=WAN_14B, clip=CLIP_VIT_H, vae=WAN_VAE)
     if args.offload_cost_only:
-        offload_cost_only(sizes, device, bandwidth, emit)
+        offload_cost_only(sizes_14b, device, bandwidth, emit)
         return 0
     import numpy as np
     import PIL.Image
 
-    image = PIL.Image.fromarray((np.random.RandomState(0).rand(height, width, 3) * 255).astype("uint8"))
-    plan = [("t2v", list(MODES)), ("i2v", ["all_resident", "seed_defaults"])]
+    plan = PLANS[args.plan]
+    results: dict[tuple, dict] = {}
+    built: dict[tuple, tuple] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, modes in plan:
-            i2v = kind == "i2v"
-            started = time.perf_counter()
-            components = build_models(sizes, i2v, dtype)
-            components["tokenizer"] = _build_tokenizer()
-            folder = write_config_folder(Path(tmp) / kind, components, i2v)
-            dtypes = {"transformer": dtype, "text_encoder": dtype, "vae": torch.float32, "image_encoder": torch.float32}
-            model = LoadedModel(source=folder, spec=WAN21_I2V if i2v else WAN21_T2V,
-                                precision=Precision(dit=str(dtype).removeprefix("torch.")), dtypes=dtypes)
-            model.components.update(components)
-            emit(dict(model=kind, stage="build_random_models", seconds=round(time.perf_counter() - started, 1),
-                      bytes={k: tensor_bytes(v) for k, v in components.items() if isinstance(v, torch.nn.Module)}))
-            manager = OffloadManager(device)
-            if kind == "t2v":  # kernel selection and allocator warm-up, untimed
-                warm = OffloadConfig(**MODES["all_resident"])
-                prepare(manager, model, warm)
-                conditioning = encode_prompts(manager, model, warm, "warm up", "", None)
-                sample_latents(manager, model, warm, conditioning, dataclasses.replace(params, num_inference_steps=1))
-            for mode in modes:
-                rows = run_mode(manager, model, mode, MODES[mode], params, image if i2v else None, device,
-                                bandwidth, emit)
-                summary[(kind, mode)] = rows
-            model.release()
-            del model, components
-    for kind in ("t2v", "i2v"):
-        resident = summary.get((kind, "all_resident"))
-        defaults = summary.get((kind, "seed_defaults"))
-        if resident and defaults:
-            no_text = lambda rows: sum(r["seconds"] for k, r in rows.items() if k != "encode")  # noqa: E731
-            emit(dict(model=kind, stage="summary", defaults_over_resident_excluding_text=round(
-                no_text(defaults) / no_text(resident), 4),
-                sampling_peak_vram_gib_defaults=defaults["sample"].get("peak_vram_gib")))
+        for kind, dit, height, width, frames, mode, cap in plan:
+            key = (kind, dit)
+            if key not in built:
+                for old in built.values():  # one model family in host memory at a time beyond the current
+                    old[1].release()
+                built.clear()
+                started = time.perf_counter()
+                sizes = dict(sizes_14b, dit=TINY["dit"] if args.tiny else WAN_DIT[dit])
+                components = build_models(sizes, kind == "i2v", dtype)
+                components["tokenizer"] = _build_tokenizer()
+                folder = write_config_folder(Path(tmp) / f"{kind}-{dit}", components, kind == "i2v")
+                dtypes = {"transformer": dtype, "text_encoder": dtype, "vae": torch.float32, "image_encoder": torch.float32}
+                model = LoadedModel(source=folder, spec=WAN21_I2V if kind == "i2v" else WAN21_T2V,
+                                    precision=Precision(dit=str(dtype).removeprefix("torch.")), dtypes=dtypes)
+                model.components.update(components)
+                manager = OffloadManager(device)
+                built[key] = (manager, model)
+                emit(dict(model=kind, dit=dit, stage="build_random_models", seconds=round(time.perf_counter() - started, 1),
+                          bytes={k: tensor_bytes(v) for k, v in components.items() if isinstance(v, torch.nn.Module)}))
+                if not args.no_extras and kind == "t2v" and dit == "14B":
+                    set_vram_cap(device, None)
+                    text_encoder_streaming_rows(manager, model, device, emit)
+                    chunked_ffn_rows(model.components["transformer"], device, emit,
+                                     tokens=64 if args.tiny else 21 * 30 * 52)
+                if device.type == "cuda":  # kernel selection and allocator warm-up, untimed
+                    warm = OffloadConfig(**MODES["all_resident"])
+                    prepare(manager, model, warm)
+                    conditioning = encode_prompts(manager, model, warm, "warm up", "", None)
+                    params = SamplingParams(height=480, width=832, num_frames=17, num_inference_steps=1)
+                    sample_latents(manager, model, warm, conditioning, params)
+            manager, model = built[key]
+            if args.tiny:
+                height, width, frames = 64, 96, 9
+            params = SamplingParams(height=height, width=width, num_frames=frames, num_inference_steps=args.steps)
+            image = None
+            if kind == "i2v":
+                image = PIL.Image.fromarray((np.random.RandomState(0).rand(height, width, 3) * 255).astype("uint8"))
+            manager.release(model)  # each scenario starts with nothing on the device
+            set_vram_cap(device, cap)
+            label = dict(model=kind, dit=dit, height=height, width=width, frames=frames, mode=mode, vram_cap_gib=cap)
+            try:
+                rows = run_scenario(manager, model, mode, params, image, device, emit, label)
+            except Exception as e:  # noqa: BLE001 - a failed scenario is a row, the plan goes on
+                emit(dict(**label, stage="error", error=f"{type(e).__name__}: {e}"[:2000]))
+                manager.release(model)
+                continue
+            finally:
+                set_vram_cap(device, None)
+            resident = results.get((kind, dit, height, width, frames, "all_resident"))
+            summarize(label, rows, resident if mode != "all_resident" else None, emit)
+            results[(kind, dit, height, width, frames, mode)] = rows
     return 0
 
 
