@@ -114,3 +114,35 @@ def test_the_streamed_text_encoder_equals_the_resident_one_and_gives_its_memory_
     offloader = manager.offloader(model, "text_encoder")
     assert offloader.released and offloader.stats().slot_bytes == 0 and manager.device_bytes() == 0
     assert ("text_encoder", Placement.LAYERWISE) in {(r.component, r.placement) for r in manager.history}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, chunk", [(32760, 4096), (32760, 2520), (75600, 8192)])
+def test_gpu_chunked_feed_forward_of_a_14b_block_is_bit_exact(tokens, chunk):
+    """Wan 14B's feed-forward (5120 -> 13824 -> 5120, bf16) at 480p81 and 720p81 sequence lengths on CUDA."""
+    torch.manual_seed(0)
+    ff = FeedForward(5120, inner_dim=13824, activation_fn="gelu-approximate").to("cuda", torch.bfloat16).eval()
+    x = torch.randn(1, tokens, 5120, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        whole = ff(x)
+        apply_sequence_chunking(ff, ChunkingConfig(max_tokens=chunk))
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        chunked = ff(x)
+        peak = torch.cuda.max_memory_allocated() - base
+    assert torch.equal(chunked, whole)
+    assert peak < 2 * chunk * 13824 * 2 + tokens * 5120 * 2 * 1.1  # a chunk's intermediates plus the output
+
+
+@pytest.mark.gpu
+def test_gpu_streamed_text_encoder_equals_the_resident_one(tiny_t2v):
+    resident_manager = OffloadManager("cuda")
+    resident = load_model(resident_manager, tiny_t2v, Precision(dit="bfloat16"))
+    expected = encode_prompts(resident_manager, resident, OffloadConfig(**NOTHING_OFFLOADED), "a raccoon", "blurry")
+    manager = OffloadManager("cuda")
+    model = load_model(manager, tiny_t2v, Precision(dit="bfloat16"))
+    config = OffloadConfig(**{**NOTHING_OFFLOADED, "text_encoder_layerwise_offload": True})
+    conditioning = encode_prompts(manager, model, config, "a raccoon", "blurry")
+    assert torch.equal(conditioning.prompt_embeds, expected.prompt_embeds)
+    assert torch.equal(conditioning.negative_prompt_embeds, expected.negative_prompt_embeds)
+    assert manager.offloader(model, "text_encoder").released and manager.device_bytes() == 0
