@@ -70,8 +70,7 @@ def test_only_graph_editor_workflows_are_where_comfyui_lists_templates():
 
 
 def test_the_start_frame_is_shipped_small_and_made_by_the_project():
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from make_start_frame import draw
+    from make_start_frame import draw  # tests/ is on the path, as for comfy_executor
 
     shipped = WORKFLOWS / "start_frame.png"
     assert shipped.is_file() and shipped.stat().st_size < 16 * 1024

@@ -23,6 +23,7 @@ from ..core.auto_offload import config_at_level, levels_for
 from ..core.manager import OffloadManager
 from ..core.memory_estimate import MemoryEstimate, check_fits, decode_parts, dit_parts, frame_shape, host_parts
 from ..core.spec import LatentSpace, Role
+from ..core.tensors import tensor_bytes
 from ..errors import ConfigError, OffloadOutOfMemoryError
 from ..families import open_model
 
@@ -50,7 +51,11 @@ def _memory_model(model: LoadedModel) -> Any:
 
 
 def placed_bytes(model: LoadedModel, name: str) -> int:
-    """Bytes of component ``name``'s weights once cast to its dtype (from the safetensors headers; no weight read)."""
+    """Bytes of component ``name``'s weights once cast to its dtype: of the module itself when it is loaded, else
+    from the safetensors headers (no weight read)."""
+    loaded = model.components.get(name)
+    if isinstance(loaded, torch.nn.Module):
+        return tensor_bytes(loaded)
     dtype = model.dtypes.get(name)
     entries = getattr(model.source, "tensor_entries", None)
     if entries is None or dtype is None:
