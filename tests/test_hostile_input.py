@@ -208,6 +208,33 @@ def test_hostile_configs_are_refused_when_the_model_is_opened(model_copy, compon
     assert f"{component}/{file}" in str(error.value) and "Fix: re-download" in str(error.value)
 
 
+def test_an_integer_weight_is_refused_when_the_model_is_opened(model_copy):
+    """Before: the folder opened, and the VAE failed deep inside a convolution (or computed in integers)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = next((model_copy / "vae").glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors["decoder.conv_in.weight"] = tensors["decoder.conv_in.weight"].to(torch.int32)
+    save_file(tensors, weights)
+    with pytest.raises(ModelLoadError, match=r"vae: tensor 'decoder.conv_in.weight' is stored as torch.int32, but "
+                                             r"weights are floating point.*Fix: re-download the 'vae' folder"):
+        open_model(model_copy)
+
+
+@pytest.mark.parametrize("relative, content, message", [
+    ("model_index.json", "[" * 100_000 + "]" * 100_000, r"model_index.json is not valid JSON"),
+    ("model_index.json", "[1, 2]", r"model_index.json holds a JSON list, not an object"),
+    ("model_index.json", b"\xff\xfe{}", r"model_index.json: model_index.json is not UTF-8 text"),
+    ("text_encoder/config.json", "{not json", r"text_encoder/config.json is not valid JSON"),
+    ("vae/config.json", "[1]", r"vae/config.json holds a JSON list, not an object"),
+])
+def test_malformed_json_is_a_model_load_error_naming_the_file(model_copy, relative, content, message):
+    path = model_copy / relative
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ModelLoadError, match=message):
+        open_model(model_copy)
+
+
 def test_a_config_naming_another_diffusers_class_is_refused_and_the_layerwise_path_ignores_it(model_copy):
     from diffusers import WanTransformer3DModel
 
