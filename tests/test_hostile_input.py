@@ -491,3 +491,65 @@ def test_decode_refuses_latents_of_another_model_and_decodes_every_video_of_a_ba
     assert both.shape == (18, 64, 96, 3)
     assert torch.equal(both[:9], decode_video(manager, model, config, first))
     assert torch.equal(both[9:], decode_video(manager, model, config, second))
+
+
+def _sparse_safetensors(path, module, dtype):
+    """A safetensors file with ``module``'s real names and shapes whose data is a hole (no disk used): enough for
+    every header check, nothing is ever read from it."""
+    import math as _math
+
+    header, offset = {}, 0
+    for name, tensor in module.state_dict().items():
+        nbytes = _math.prod(tensor.shape) * dtype.itemsize
+        header[name] = {"dtype": {torch.bfloat16: "BF16", torch.float32: "F32"}[dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+@pytest.mark.parametrize("variant", ["1.3B", "14B", "14B-i2v"])
+def test_the_released_models_shapes_pass_the_config_checks(variant, tmp_path):
+    """The bounds are for hostile folders, not real ones: Wan2.1's own configs, with headers of their real shapes
+    (files whose data is a sparse hole), open without complaint."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    from video_offload.offload.families.wan.shapes import CLIP_VIT_H, UMT5_XXL, WAN_DIT, WAN_VAE
+    from video_offload.offload.families.wan.tiny import _build_tokenizer
+
+    i2v = variant.endswith("i2v")
+    root = tmp_path / variant
+    dit_config = dict(WAN_DIT[variant.removesuffix("-i2v")])
+    if i2v:
+        dit_config.update(in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+    with init_empty_weights():
+        parts = {
+            "transformer": (WanTransformer3DModel(**dit_config), torch.bfloat16),
+            "text_encoder": (UMT5EncoderModel(UMT5Config(**UMT5_XXL)), torch.bfloat16),
+            "vae": (AutoencoderKLWan(**WAN_VAE), torch.float32),
+        }
+        if i2v:
+            parts["image_encoder"] = (CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H)), torch.float32)
+    index = {"_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline"}
+    for name, (module, dtype) in parts.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        module.save_config(folder) if hasattr(module, "save_config") else module.config.save_pretrained(folder)
+        _sparse_safetensors(folder / "model.safetensors", module, dtype)
+        index[name] = ["diffusers" if name in ("transformer", "vae") else "transformers", type(module).__name__]
+    _build_tokenizer().save_pretrained(root / "tokenizer")
+    index["tokenizer"] = ["transformers", "T5TokenizerFast"]
+    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0).save_config(
+        root / "scheduler")
+    index["scheduler"] = ["diffusers", "UniPCMultistepScheduler"]
+    if i2v:
+        CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}).save_pretrained(root / "image_processor")
+        index["image_processor"] = ["transformers", "CLIPImageProcessor"]
+    (root / "model_index.json").write_text(json.dumps(index))
+    source, spec = open_model(root)
+    assert spec.image_to_video is i2v

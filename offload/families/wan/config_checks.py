@@ -74,7 +74,7 @@ def _check_vae(c: ConfigReader) -> None:
     c.numbers("latents_mean", z_dim)
     c.numbers("latents_std", z_dim, positive=True)
     c.expect_shape("decoder.conv_in.weight", 1, z_dim, "z_dim")
-    c.expect_shape("encoder.conv_in.weight", 0, base_dim * dim_mult[0], "base_dim")
+    c.expect_shape("encoder.conv_in.weight", 0, base_dim, "base_dim")  # the encoder starts at base_dim channels
 
 
 def _check_text_encoder(c: ConfigReader) -> None:
