@@ -19,5 +19,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VideoOffloadEncodePrompt": "Encode Prompt (Video Offload)",
     "VideoOffloadSample": "Sample (Video Offload)",
     "VideoOffloadDecodeVAE": "Decode VAE (Video Offload)",
-    "VideoOffloadSaveVideo": "Save Video (Video Offload)",
+    "VideoOffloadSaveVideo": "Save Video MP4 (Video Offload)",
 }

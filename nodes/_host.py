@@ -41,8 +41,25 @@ def shared_manager() -> OffloadManager:
     global _manager
     with _manager_lock:
         if _manager is None:
-            _manager = OffloadManager(make_room=make_room_in_comfyui if comfy_model_management else None)
+            _manager = OffloadManager(comfyui_device(), make_room=make_room_in_comfyui if comfy_model_management else None)
         return _manager
+
+
+def comfyui_device():
+    """The device ComfyUI chose (``--cpu``, ``--cuda-device``...), or None outside ComfyUI (the manager's default).
+
+    ComfyUI started with ``--cpu`` on a GPU machine means the CPU: the pack must not take the GPU by itself."""
+    get_device = getattr(comfy_model_management, "get_torch_device", None)
+    return get_device() if get_device is not None else None
+
+
+def metadata_disabled() -> bool:
+    """ComfyUI's ``--disable-metadata``: saved files carry no prompt or workflow."""
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        return False
+    return bool(getattr(args, "disable_metadata", False))
 
 
 def make_room_in_comfyui(nbytes: int, device) -> None:

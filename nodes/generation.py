@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from ..offload.config import SamplingParams
+from ..offload.config import SamplingParams, validate_prompt
 from ..offload.errors import ConfigError
 from ..offload.pipeline.stages import encode_prompts, sample_latents
 from ._host import NodeStepObserver
 from .handles import CONDITIONING_TYPE, MODEL_TYPE, ModelHandle
 from .latents import to_comfy_latent
+from .validation import check_sampling_widgets, problems, report
 
 CATEGORY = "Video Offload"
 WIDGET_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg"}
@@ -38,6 +39,14 @@ class EncodePrompt:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = "Encode the prompt and negative prompt (and an image-to-video model's start frame), each encoder placed per its offload option."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt, negative_prompt):
+        """Before the graph runs: the texts (linked ones arrive as None and are checked when the node runs)."""
+        return report(problems(
+            lambda: validate_prompt("prompt", prompt) if prompt is not None else None,
+            lambda: validate_prompt("negative_prompt", negative_prompt, allow_empty=True) if negative_prompt is not None else None,
+        ))
 
     def encode(self, model: ModelHandle, prompt: str, negative_prompt: str, image=None):
         start = None if image is None else image[:1]
@@ -76,6 +85,13 @@ class Sample:
     FUNCTION = "sample"
     CATEGORY = CATEGORY
     DESCRIPTION = "Denoise from the seed's noise, with the DiT streamed, resident or sharded per the offload settings."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height, num_frames, cfg, flow_shift):
+        """Before the graph runs, every bad size at once: multiples of 16, 4k+1 frames, bounds, NaN (ComfyUI checks
+        steps and seed itself; it skips min/max for the inputs listed here, so the checks include the bounds)."""
+        return report(check_sampling_widgets(width=width, height=height, num_frames=num_frames, cfg=cfg,
+                                             flow_shift=flow_shift))
 
     def sample(self, model: ModelHandle, conditioning, width, height, num_frames, steps, cfg, flow_shift, seed):
         try:

@@ -29,10 +29,5 @@ def from_comfy_latent(model: LoadedModel, latent: Any) -> torch.Tensor:
         raise ConfigError("latent", type(latent).__name__, "is not a LATENT", "connect the Sample node's output")
     samples = latent["samples"]
     space = latent_space(model)
-    if not isinstance(samples, torch.Tensor) or samples.ndim != 5:
-        shape = tuple(getattr(samples, "shape", ())) or None
-        raise ConfigError(
-            "latent", shape, f"must be a 5-D video latent [1, {space.channels}, T, H/{space.spatial_factor}, "
-            f"W/{space.spatial_factor}]", "connect the Sample node's LATENT (or a video VAE Encode's)",
-        )
+    space.check_latents(samples, "latent", "connect the Sample node's LATENT (or a video VAE Encode's)")
     return space.from_raw(samples.float())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -58,7 +59,7 @@ class OptionSpec:
 
     def validate(self, value: Any) -> None:
         """The one check of this option's value (the config, the layerwise offloader and the nodes use it)."""
-        if self.auto and value == "auto":
+        if self.auto and isinstance(value, str) and value == "auto":
             return
         if self.kind == "choice":
             if value not in self.choices:
@@ -132,7 +133,11 @@ class OffloadConfig:
 
     def __post_init__(self) -> None:
         for spec in option_specs():
-            spec.validate(getattr(self, spec.name))
+            value = getattr(self, spec.name)
+            if spec.kind == "int" and _is_integer(value):
+                value = int(value)  # numpy integers (a seed or count computed with numpy) are whole numbers too
+                object.__setattr__(self, spec.name, value)
+            spec.validate(value)
         if self.auto_offload:
             return  # the seven options are chosen by the auto walk, so their combination is not the user's
         if self.use_fsdp_inference and self.dit_layerwise_offload:
@@ -250,27 +255,55 @@ class Precision:
             raise ConfigError("vae_precision", self.vae, "is not a known dtype", "use float32 (default), bfloat16 or float16")
 
 
+MAX_PROMPT_CHARS = 20_000
+"""Longest prompt accepted. The text encoder reads 512 tokens (a few thousand characters) and truncates the rest
+with a warning; counting the tokens of a multi-megabyte text would cost seconds and gigabytes before that."""
+
+
 def validate_prompt(name: str, value: object, allow_empty: bool = False) -> str:
     """Prompts are plain text; an empty positive prompt is almost always a wiring mistake in a graph."""
     if not isinstance(value, str):
         raise ConfigError(name, value, "must be text", f"pass {name} as a string")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ConfigError(
+            name, value, f"is longer than {MAX_PROMPT_CHARS} characters",
+            "shorten it: the text encoder reads only the first 512 tokens (a few thousand characters)",
+        )
     if not allow_empty and not value.strip():
         raise ConfigError(name, value, "is empty", "describe the video you want")
     return value
 
 
-def _require_int(name: str, value: Any, low: int, high: int, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _is_integer(value: Any) -> bool:
+    """A whole number: ``int`` or a numpy integer (``np.int64``), never a bool (``True`` is not a count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, _np_bool()))
+
+
+def _np_bool() -> type:
+    try:
+        import numpy
+
+        return numpy.bool_
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return bool
+
+
+def _require_int(name: str, value: Any, low: int, high: int, fix: str) -> int:
+    if not _is_integer(value):
         raise ConfigError(name, value, f"must be a whole number from {low} to {high}", fix)
+    value = int(value)
     if not low <= value <= high:
         raise ConfigError(name, value, f"must be from {low} to {high}", fix)
+    return value
 
 
-def _require_float(name: str, value: Any, low: float, high: float, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def _require_float(name: str, value: Any, low: float, high: float, fix: str) -> float:
+    if isinstance(value, (bool, _np_bool())) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ConfigError(name, value, f"must be a finite number from {low} to {high}", fix)
+    value = float(value) if not isinstance(value, int) else value
     if not low <= value <= high:
         raise ConfigError(name, value, f"must be from {low} to {high}", fix)
+    return value
 
 
 @dataclass(frozen=True)
@@ -293,14 +326,21 @@ class SamplingParams:
     """Initial noise comes from a CPU generator seeded with this, so a seed is the same video on any device."""
 
     def __post_init__(self) -> None:
+        # Checked values are stored as plain Python numbers (numpy scalars from a caller's own code are accepted).
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
         for name in ("height", "width"):
-            _require_int(name, getattr(self, name), 16, 8192, f"use a multiple of 16 such as {480 if name == 'height' else 832}")
-        _require_int("num_frames", self.num_frames, 1, 4093, "use 4k+1 frames such as 17, 33, 49 or 81")
-        _require_int("num_inference_steps", self.num_inference_steps, 1, 1000, "use 20-50 steps (at least 1)")
-        _require_float("guidance_scale", self.guidance_scale, 0.0, 100.0, "use 5.0 (the default), or 1.0 to disable")
+            put(name, _require_int(name, getattr(self, name), 16, 8192,
+                                   f"use a multiple of 16 such as {480 if name == 'height' else 832}"))
+        put("num_frames", _require_int("num_frames", self.num_frames, 1, 4093, "use 4k+1 frames such as 17, 33, 49 or 81"))
+        put("num_inference_steps", _require_int("num_inference_steps", self.num_inference_steps, 1, 1000,
+                                                "use 20-50 steps (at least 1)"))
+        put("guidance_scale", _require_float("guidance_scale", self.guidance_scale, 0.0, 100.0,
+                                             "use 5.0 (the default), or 1.0 to disable"))
         if self.flow_shift is not None:
-            _require_float("flow_shift", self.flow_shift, 0.01, 100.0, "use 3.0 for 480p or 5.0 for 720p")
-        _require_int("seed", self.seed, 0, 2**64 - 1, "use a whole number from 0 to 2**64-1")
+            put("flow_shift", _require_float("flow_shift", self.flow_shift, 0.01, 100.0, "use 3.0 for 480p or 5.0 for 720p"))
+        put("seed", _require_int("seed", self.seed, 0, 2**64 - 1, "use a whole number from 0 to 2**64-1"))
 
     @property
     def uses_guidance(self) -> bool:

@@ -7,7 +7,35 @@ cause is still there for a bug report.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
+
+MAX_ECHO_CHARS = 120
+"""How much of a bad value an error message repeats. A value comes from a user, a workflow or an HTTP request
+(ComfyUI accepts 100 MB bodies): echoing all of it would make the message as large as the attack."""
+
+_echo_repr = reprlib.Repr()
+_echo_repr.maxstring = _echo_repr.maxother = MAX_ECHO_CHARS
+_echo_repr.maxlist = _echo_repr.maxtuple = _echo_repr.maxdict = _echo_repr.maxset = 8
+_echo_repr.maxlevel = 3
+
+
+def echo(value: Any) -> str:
+    """``repr(value)`` bounded to about ``MAX_ECHO_CHARS`` characters, saying how long a long text was.
+
+    Short values read exactly as ``repr`` writes them. Long texts keep their start and say their length
+    (``'aaaa...' (1000000 characters)``); containers are summarised by ``reprlib`` without walking them whole.
+    """
+    if isinstance(value, (str, bytes)):
+        if len(value) <= MAX_ECHO_CHARS:
+            return repr(value)
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:MAX_ECHO_CHARS - 20]!r}... ({len(value)} {unit})"
+    try:
+        text = _echo_repr.repr(value)
+    except Exception:  # noqa: BLE001 - a hostile __repr__ must not replace the real error
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 2 * MAX_ECHO_CHARS else text[: 2 * MAX_ECHO_CHARS] + "..."
 
 
 class VideoOffloadError(Exception):
@@ -22,7 +50,7 @@ class ConfigError(VideoOffloadError, ValueError):
         self.value = value
         self.problem = problem
         self.fix = fix
-        super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
+        super().__init__(f"{field}={echo(value)}: {problem}. Fix: {fix}")
 
     def renamed(self, field: str) -> ConfigError:
         """The same error under the name the user sees (a node's widget name rather than the engine's)."""

@@ -9,6 +9,7 @@ runs the nodes in dependency order. It is deliberately strict: anything ComfyUI 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import types
 from pathlib import Path
@@ -87,7 +88,7 @@ def load_pack(folder: Path, folder_paths: types.ModuleType, extra_modules: dict 
     return module
 
 
-def _check_literal(node_id: str, name: str, spec: tuple, value: Any) -> None:
+def _check_literal(node_id: str, name: str, spec: tuple, value: Any, custom_validated: bool = False) -> None:
     kind = spec[0]
     options = spec[1] if len(spec) > 1 else {}
     where = f"node {node_id} input {name!r}"
@@ -109,40 +110,80 @@ def _check_literal(node_id: str, name: str, spec: tuple, value: Any) -> None:
             raise WorkflowValidationError(f"{where}: {value!r} is not a BOOLEAN")
     else:
         raise WorkflowValidationError(f"{where}: type {kind} must come from a link, got literal {value!r}")
+    if custom_validated:  # ComfyUI skips min/max for inputs its VALIDATE_INPUTS takes (execution.validate_inputs)
+        return
     if "min" in options and value < options["min"]:
         raise WorkflowValidationError(f"{where}: {value} is below the minimum {options['min']}")
     if "max" in options and value > options["max"]:
         raise WorkflowValidationError(f"{where}: {value} is above the maximum {options['max']}")
 
 
+def is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+
+
+def _custom_validation(node_id: str, cls: type, inputs: dict) -> list[str]:
+    """ComfyUI's call of a V1 node's ``VALIDATE_INPUTS``: only the inputs it names (all with ``**kwargs``), linked
+    ones as None (upstream has not run), before any node runs; a string result is an error for each input passed."""
+    validate_function = getattr(cls, "VALIDATE_INPUTS", None)
+    if validate_function is None:
+        return []
+    argspec = inspect.getfullargspec(validate_function)
+    names = [a for a in argspec.args if a not in ("cls", "self")]
+    passed = {name: (None if is_link(value) else value) for name, value in inputs.items()
+              if name in names or argspec.varkw is not None}
+    result = validate_function(**passed)
+    if result is True:
+        return []
+    return [f"node {node_id} ({cls.__name__}) {name} - {result}" for name in passed]
+
+
+def custom_validated_inputs(cls: type) -> set[str]:
+    validate_function = getattr(cls, "VALIDATE_INPUTS", None)
+    if validate_function is None:
+        return set()
+    argspec = inspect.getfullargspec(validate_function)
+    return {"*"} if argspec.varkw is not None else set(argspec.args)
+
+
 def validate(prompt: dict, mappings: dict) -> list[str]:
-    """Check every node and input; return the node ids in an order where each node follows its inputs."""
+    """Check every node and input, as ComfyUI does before running anything, and report every problem of the graph
+    at once; return the node ids in an order where each node follows its inputs."""
+    errors: list[str] = []
     for node_id, node in prompt.items():
         cls = mappings.get(node.get("class_type"))
         if cls is None:
-            raise WorkflowValidationError(f"node {node_id}: unknown class_type {node.get('class_type')!r}")
+            errors.append(f"node {node_id}: unknown class_type {node.get('class_type')!r}")
+            continue
         declared = cls.INPUT_TYPES()
         required = declared.get("required", {})
         optional = declared.get("optional", {})
         inputs = node.get("inputs", {})
+        custom = custom_validated_inputs(cls)
         for name in required:
             if name not in inputs:
-                raise WorkflowValidationError(f"node {node_id}: required input {name!r} is missing")
+                errors.append(f"node {node_id}: required input {name!r} is missing")
         for name, value in inputs.items():
             spec = required.get(name) or optional.get(name)
             if spec is None:
-                raise WorkflowValidationError(f"node {node_id}: unexpected input {name!r}")
-            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                errors.append(f"node {node_id}: unexpected input {name!r}")
+                continue
+            if is_link(value):
                 source = prompt.get(value[0])
                 if source is None:
-                    raise WorkflowValidationError(f"node {node_id} input {name!r}: link to missing node {value[0]}")
+                    errors.append(f"node {node_id} input {name!r}: link to missing node {value[0]}")
+                    continue
                 produced = mappings[source["class_type"]].RETURN_TYPES[value[1]]
                 if produced != spec[0]:
-                    raise WorkflowValidationError(
-                        f"node {node_id} input {name!r}: expects {spec[0]}, linked output gives {produced}"
-                    )
+                    errors.append(f"node {node_id} input {name!r}: expects {spec[0]}, linked output gives {produced}")
             else:
-                _check_literal(node_id, name, spec, value)
+                try:
+                    _check_literal(node_id, name, spec, value, custom_validated=name in custom or "*" in custom)
+                except WorkflowValidationError as e:
+                    errors.append(str(e))
+        errors += _custom_validation(node_id, cls, inputs)
+    if errors:
+        raise WorkflowValidationError("; ".join(errors))
     order: list[str] = []
     visiting: set[str] = set()
 
@@ -153,7 +194,7 @@ def validate(prompt: dict, mappings: dict) -> list[str]:
             raise WorkflowValidationError(f"node {node_id}: cycle in links")
         visiting.add(node_id)
         for value in prompt[node_id]["inputs"].values():
-            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+            if is_link(value):
                 visit(value[0])
         visiting.discard(node_id)
         order.append(node_id)
@@ -163,17 +204,22 @@ def validate(prompt: dict, mappings: dict) -> list[str]:
     return order
 
 
-def execute(prompt: dict, mappings: dict) -> dict[str, Any]:
-    """Validate, then run every node; return each node's outputs (a tuple, or the dict an output node returns)."""
+def execute(prompt: dict, mappings: dict, extra_pnginfo: dict | None = None) -> dict[str, Any]:
+    """Validate, then run every node; return each node's outputs (a tuple, or the dict an output node returns).
+    Hidden inputs are filled as ComfyUI fills them: ``PROMPT`` (this API prompt), ``EXTRA_PNGINFO`` (what the
+    frontend sends, ``{"workflow": graph}``), ``UNIQUE_ID``."""
     results: dict[str, Any] = {}
     for node_id in validate(prompt, mappings):
         node = prompt[node_id]
         cls = mappings[node["class_type"]]
         kwargs = {}
         for name, value in node["inputs"].items():
-            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+            if is_link(value):
                 kwargs[name] = results[value[0]][value[1]]
             else:
                 kwargs[name] = value
+        hidden_values = {"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": node_id}
+        for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
+            kwargs[name] = hidden_values.get(kind)
         results[node_id] = getattr(cls(), cls.FUNCTION)(**kwargs)
     return results

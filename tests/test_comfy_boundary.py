@@ -120,5 +120,5 @@ def test_flow_shift_zero_keeps_the_model_folders_own_shift(nodes):
 
 def test_decode_vae_refuses_latents_that_are_not_one_video_of_this_model(nodes):
     pack, n, model, _ = nodes
-    with pytest.raises(pack.offload.ConfigError, match=r"latent=\(1, 16, 4, 4\): must be a 5-D video latent \[1, 16,"):
+    with pytest.raises(pack.offload.ConfigError, match=r"latent=\(1, 16, 4, 4\): must be a 5-D video latent \[B, 16,"):
         n["DecodeVAE"].decode(model, {"samples": torch.zeros(1, 16, 4, 4)})

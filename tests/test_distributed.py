@@ -28,7 +28,7 @@ from test_workflows import FakeComfy
 
 pytestmark = pytest.mark.slow
 
-WORKFLOW = REPO_ROOT / "workflows" / "wan2.1_t2v_single_gpu_api.json"
+WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan2.1_t2v_single_gpu.json"
 SIZES = {"width": 96, "height": 64, "num_frames": 9, "steps": 3}
 
 
@@ -384,6 +384,34 @@ def test_the_link_is_loopback_only_and_refuses_a_wrong_key():
         good.close()
     finally:
         server.close()
+
+
+def test_the_process_group_meets_in_a_private_file_and_the_tcp_store_holds_none_of_it(tiny_parts, caplog):
+    """torchrun's store listens on every interface and PyTorch does not authenticate it: before, it held every
+    rank's collective address (``default_pg/...``), readable and writable by any process. Now the group meets
+    through a file in a 0700 folder, and CPU workers are announced as such."""
+    import datetime
+    import stat
+
+    import torch.distributed as dist
+
+    from video_offload.offload.distributed.launcher import WorkerGroup
+
+    caplog.set_level("WARNING")
+    group = WorkerGroup.launch(group_spec(tiny_parts, 2))
+    try:
+        assert "no CUDA device: num_gpus=2 starts 2 CPU worker processes (gloo)" in caplog.text
+        folder = group._runtime.store_dir
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+        environ = open(f"/proc/{group.pids[0]}/environ").read().split("\0")
+        port = int(next(e for e in environ if e.startswith("MASTER_PORT=")).split("=", 1)[1])
+        outsider = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
+        assert [key for key in outsider.list_keys() if "pg" in key] == []
+        latents = sample(group, tiny_parts)  # and the group works
+        assert torch.isfinite(latents).all()
+    finally:
+        group.shutdown()
+    assert not os.path.exists(folder)
 
 
 def test_the_secret_is_not_on_the_command_line(tiny_parts):

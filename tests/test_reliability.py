@@ -29,7 +29,7 @@ SIZES = dict(height=64, width=96, num_frames=9, num_inference_steps=2)
 DOC = REPO_ROOT / "docs" / "reliability.md"
 
 
-DOCUMENTED_ROWS = 52
+DOCUMENTED_ROWS = 75
 """The hostile-input table's row count: a deleted (or unparseable) row fails here instead of silently not running."""
 
 
@@ -67,6 +67,8 @@ def node_env(tiny_t2v, tmp_path_factory):
     shutil.copytree(tiny_t2v, models / "tiny")
     pack = load_pack(REPO_ROOT, make_folder_paths(models, output), {})
     nodes = {name: cls() for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
+    (output / "a_file").parent.mkdir(parents=True, exist_ok=True)
+    (output / "a_file").write_text("a file where a filename_prefix expects a folder")
     (model,) = nodes["VideoOffloadLoadModel"].load("tiny", "float32", "float32")
     (conditioning,) = nodes["VideoOffloadEncodePrompt"].encode(model, "a cat", "")
     baseline = {
@@ -89,17 +91,35 @@ def node_env(tiny_t2v, tmp_path_factory):
     return types.SimpleNamespace(pack=pack, nodes=nodes, baseline=baseline, model=model)
 
 
+def _png(tmp_path, name, size, mode="RGB"):
+    import PIL.Image
+
+    path = tmp_path / name
+    PIL.Image.new(mode, size).save(path)
+    return str(path)
+
+
 SENTINELS = {
-    "IMAGE": lambda: torch.rand(1, 32, 48, 3),
-    "LATENT4D": lambda: {"samples": torch.zeros(1, 16, 4, 4)},
-    "IMAGE2D": lambda: torch.zeros(2, 8, 8),
+    "IMAGE": lambda tmp_path: torch.rand(1, 32, 48, 3),
+    "IMAGE_EMPTY": lambda tmp_path: torch.zeros(0, 64, 96, 3),
+    "LATENT4D": lambda tmp_path: {"samples": torch.zeros(1, 16, 4, 4)},
+    "LATENT_8CH": lambda tmp_path: {"samples": torch.zeros(1, 8, 3, 8, 12)},
+    "LATENT_0F": lambda tmp_path: {"samples": torch.zeros(1, 16, 0, 8, 12)},
+    "IMAGE2D": lambda tmp_path: torch.zeros(2, 8, 8),
+    "ARRAY_0x0": lambda tmp_path: np.zeros((0, 0, 3), dtype=np.float32),
+    "ARRAY_OBJECT": lambda tmp_path: np.empty((8, 8, 3), dtype=object),
+    "PNG_1x10000": lambda tmp_path: _png(tmp_path, "strip.png", (10000, 1)),
+    "PNG_BOMB": lambda tmp_path: _png(tmp_path, "bomb.png", (20000, 20000), mode="1"),
+    "THROUGH_A_FILE": lambda tmp_path: ((tmp_path / "a_file").write_text(""), tmp_path / "a_file" / "clip.mp4")[1],
 }
+"""Values a table cell cannot spell: each is built (in the test's own folder) when its row runs."""
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[2]}-{c[3]}")
-def test_bad_input_is_refused_with_the_documented_message(case, tiny_t2v, node_env, tmp_path):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[2]}-{c[3]}"[:80])
+def test_bad_input_is_refused_with_the_documented_message(case, tiny_t2v, tiny_i2v, node_env, tmp_path):
     number, surface, target, field, value_text, excerpt = case
-    value = SENTINELS[value_text.strip("'")]() if value_text.strip("'") in SENTINELS else evaluate(value_text)
+    sentinel = value_text.strip("'")
+    value = SENTINELS[sentinel](tmp_path) if sentinel in SENTINELS else evaluate(value_text)
     if surface == "python":
         manager = OffloadManager("cpu")
         if target == "from_pretrained":
@@ -107,7 +127,8 @@ def test_bad_input_is_refused_with_the_documented_message(case, tiny_t2v, node_e
             with pytest.raises(VideoOffloadError) as info:
                 VideoGenerator.from_pretrained(**kwargs)
         else:
-            generator = VideoGenerator.from_pretrained(tiny_t2v, manager=manager, precision="float32")
+            model_path = tiny_i2v if target == "generate_video (i2v)" else tiny_t2v
+            generator = VideoGenerator.from_pretrained(model_path, manager=manager, precision="float32")
             kwargs = {"prompt": "a cat", **SIZES, "output_path": tmp_path, field: value}
             if field == "image":
                 (tmp_path / "start.png").write_bytes(b"")

@@ -27,10 +27,12 @@ from ..config import OffloadConfig, Precision
 from ..dtypes import resolve_precision
 from ..errors import OffloadOutOfMemoryError
 from .auto_offload import config_at_level, describe, levels_for
+from .devices import default_device, resolve_device  # noqa: F401 - default_device stays importable from here
 from .layerwise import LayerwiseOffloader
 from .loaded_model import LoadedModel
 from .memory_guard import BudgetExceeded, available_device_bytes, oom_guard
 from .placement import ModulePlacer, Placement
+from .private_memory import detach_from_files
 from .spec import ModelSource, ModelSpec, Role, find_block_list
 from .tensors import tensor_bytes
 
@@ -44,10 +46,6 @@ OFFLOAD_OPTION_OF_ROLE = {
     Role.IMAGE_ENCODER: "image_encoder_cpu_offload",
     Role.VAE: "vae_cpu_offload",
 }
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ class OffloadManager:
         make_room: MakeRoom | None = None,
         memory_budget: int | None = None,
     ):
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)  # a bad name or a missing GPU is a ConfigError here
         self.make_room = make_room
         self.memory_budget = memory_budget
         self._models: weakref.WeakValueDictionary[tuple, LoadedModel] = weakref.WeakValueDictionary()
@@ -119,6 +117,7 @@ class OffloadManager:
         with self._lock:
             if name not in model.components:
                 obj = model.source.load(model.spec.component(name), model.dtypes.get(name))
+                detach_from_files(obj)  # never depend on the file staying unchanged (core.private_memory)
                 model.components[name] = obj
                 if isinstance(obj, nn.Module):
                     logger.info("loaded %s/%s into host memory (%.2f GiB)", model.name, name, tensor_bytes(obj) / 2**30)

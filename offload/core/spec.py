@@ -114,6 +114,22 @@ class LatentSpace:
             lower = (params.num_frames - 1) // t * t + 1
             raise ConfigError("num_frames", params.num_frames, f"must be of the form {t}k+1", f"use {lower} or {lower + t}")
 
+    def check_latents(self, latents: Any, field: str = "latents", fix: str = "connect the Sample node's LATENT") -> None:
+        """Refuse what this model's VAE cannot decode: not a 5-D tensor ``[B, C, T, h, w]``, the wrong channel
+        count, or an empty axis - before the VAE (or the normalisation) fails on it with a broadcasting error."""
+        layout = f"[B, {self.channels}, T, H/{self.spatial_factor}, W/{self.spatial_factor}]"
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
+            shape = tuple(getattr(latents, "shape", ())) or None
+            raise ConfigError(field, shape, f"must be a 5-D video latent {layout}", fix)
+        shape = tuple(latents.shape)
+        if shape[1] != self.channels:
+            raise ConfigError(field, shape, f"must have {self.channels} channels {layout}, not {shape[1]}: it is "
+                              "the latent of another model", "decode it with the VAE of the model that made it")
+        if min(shape[0], shape[2], shape[3], shape[4]) < 1:
+            raise ConfigError(field, shape, "has an empty batch, frame or spatial axis", fix)
+        if latents.dtype.is_complex or latents.dtype == torch.bool:
+            raise ConfigError(field, str(latents.dtype), "is not a real-valued latent", fix)
+
     def shape(self, params: SamplingParams, batch: int = 1) -> tuple[int, int, int, int, int]:
         return (
             batch,
@@ -221,6 +237,12 @@ class ModelSpec:
     """Methods the worker group serves, ``method(worker, payload, observer) -> reply``."""
     matches: Callable[[dict], bool] | None = None
     """Extra test on ``model_index.json`` beyond the class name (e.g. a second expert present)."""
+    check_configs: Callable[[ModelSource], None] | None = None
+    """Optional: refuse a source whose configs are out of bounds or disagree with its weights' headers (raises
+    ``ModelLoadError``). Run when the model is opened, before anything is built (``core.config_checks``)."""
+    memory_model: Callable[[ModelSource], Any] | None = None
+    """Optional: the family's per-token and per-pixel memory figures (``core.memory_estimate.MemoryModel``) for the
+    estimate made before a job starts; without one only the host-side check runs."""
 
     def component(self, name: str) -> ComponentSpec:
         for component in self.components:

@@ -27,9 +27,11 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -45,6 +47,7 @@ from .protocol import (
     ENV_AUTHKEY,
     ENV_PARENT_PID,
     ENV_SPEC,
+    ENV_STORE,
     Link,
     LinkServer,
     WorkerSpec,
@@ -292,6 +295,8 @@ class _Runtime:
         self._reported: set[int] = set()
         self._last_seen: dict[int, float] = {}
         self._monitor: threading.Thread | None = None
+        self.store_dir: str | None = None
+        """The private folder (mode 0700) of the process group's rendezvous file, on one machine."""
 
     # ------------------------------------------------------------------ launch
 
@@ -302,6 +307,9 @@ class _Runtime:
         if spec.nnodes == 1:
             for name, value in LOOPBACK_ENV.items():
                 env.setdefault(name, value)
+        if spec.nnodes == 1:
+            self.store_dir = tempfile.mkdtemp(prefix="video-offload-group-")  # 0700: this user only
+            env[ENV_STORE] = os.path.join(self.store_dir, "rendezvous")
         env.update({
             ENV_ADDRESS: self.server.address,
             ENV_AUTHKEY: self.server.authkey.hex(),
@@ -311,6 +319,12 @@ class _Runtime:
         command = torchrun_command(spec)
         if spec.dit_cpu_offload and spec.pin_cpu_memory and spec.device == "cpu":
             logger.info("pin_cpu_memory has no effect without CUDA: the CPU workers' host shards stay pageable")
+        if spec.device == "cpu":
+            # Allowed (it is how the tests run groups, and a CPU-only machine may want it), never silent.
+            logger.warning(
+                "no CUDA device: num_gpus=%d starts %d CPU worker processes (gloo) that share this machine's cores "
+                "and memory, not GPUs", spec.num_gpus, spec.nproc_per_node,
+            )
         logger.info("starting %d DiT workers (%s, %s): %s", spec.num_gpus, spec.device, spec.parallel, " ".join(command))
         if spec.nnodes > 1:
             logger.info(
@@ -344,6 +358,12 @@ class _Runtime:
             code = self.proc.poll()
             if code is not None:
                 raise WorkerError(self._with_log(f"torchrun exited with code {code} before every rank connected"))
+            if self.server.failure is not None:
+                # The ranks could not connect however long we wait: fail now, not at the startup timeout.
+                raise WorkerError(self._with_log(
+                    f"the pack's link server cannot accept the workers ({self.server.failure}); ranks "
+                    f"{sorted(self.links)} of {sorted(expected)} had connected"
+                ))
             if time.monotonic() > deadline:
                 raise WorkerError(self._with_log(
                     f"only ranks {sorted(self.links)} of {sorted(expected)} connected within {STARTUP_TIMEOUT_S:.0f} s"
@@ -537,6 +557,8 @@ class _Runtime:
             link.close()
         if self.server is not None:
             self.server.close()
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
         self.inbox.put(_FAILED)
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=2.0)

@@ -5,14 +5,23 @@ Security model, in one place:
 - The parent listens on ``127.0.0.1`` only, on a port the OS picks, and stops listening as soon as every local rank
   has connected - the port is open for seconds, once per launch.
 - Each launch makes a fresh 32-byte secret (``secrets.token_bytes``). Both ends prove they hold it with
-  ``multiprocessing.connection``'s HMAC challenge-response before anything else is read, so another user on the
-  machine can neither drive the workers nor impersonate one. The secret reaches the workers in an environment
-  variable of the torchrun subprocess (``/proc/<pid>/environ`` is readable only by the same user), never on a
-  command line, which every user can read with ``ps``.
+  ``multiprocessing.connection``'s HMAC challenge-response before anything else is read. The secret reaches the
+  workers in an environment variable of the torchrun subprocess (``/proc/<pid>/environ`` is readable only by the
+  same user), never on a command line, which every user can read with ``ps``.
 - Messages are encoded with ``torch.save`` and decoded with ``torch.load(weights_only=True)``: dicts, lists,
   strings, numbers and tensors, nothing that could name code to run. The link never unpickles objects (the
   stdlib ``Connection.send`` would, and with torch imported it would also try to pass tensors as shared-memory
   file descriptors, which fails between unrelated processes).
+- Between ranks, requests travel the same way (``plain_collectives``): plain data in a tensor, signed with a key
+  derived from the secret and checked by every rank before it is decoded. On one machine the process group meets
+  through a file in a folder only this user can open (``ENV_STORE``), not through torchrun's TCP store.
+
+So another local user can neither drive the workers (every request comes over the authenticated link and is
+signed between ranks) nor impersonate one (a worker proves the secret to the pack). What such a user can reach is
+listed in docs/reliability.md ("The worker group"): torchrun's own rendezvous store, which PyTorch does not
+authenticate, and the collectives' loopback sockets - enough to make a run fail, not to control it.
+
+The accept loop survives transient errors and bounds the connections still authenticating (``LinkServer``).
 
 Message vocabulary (``op`` field): worker -> parent ``hello``, ``heartbeat``, ``ready``, ``progress``, ``result``,
 ``cancelled``, ``error``; parent -> rank 0 ``call`` (a method name and a plain-data payload: the one request
@@ -22,6 +31,7 @@ primitive), ``continue``, ``cancel``, ``shutdown``.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import logging
@@ -30,6 +40,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,9 +59,28 @@ ENV_PARENT_PID = "VIDEO_OFFLOAD_PARENT_PID"
 """The pack's process; a worker exits when it is gone."""
 ENV_SPEC = "VIDEO_OFFLOAD_WORKER_SPEC"
 """The ``WorkerSpec`` as JSON (not secret: a model path and options)."""
+ENV_STORE = "VIDEO_OFFLOAD_STORE_FILE"
+"""The process group's rendezvous file, in a folder only this user can open (one machine only)."""
 
 LOOPBACK = "127.0.0.1"
 HANDSHAKE_TIMEOUT_S = 10.0
+"""A connection must authenticate and say hello within this; a real worker does in milliseconds."""
+BACKLOG = 64
+MAX_PENDING_HANDSHAKES = 128
+"""Connections authenticating at once (every local rank of a launch, 64 at most, fits twice); beyond it the oldest
+is dropped."""
+ACCEPT_TICK_S = 0.5
+ACCEPT_RETRY_S = 0.1
+ACCEPT_FAILURE_S = 5.0
+"""Accepting may fail transiently this long (e.g. descriptors exhausted by junk connections that are being
+dropped) before the server reports itself unhealthy and a launch fails."""
+TRANSIENT_ACCEPT_ERRORS = frozenset(
+    code for code in (getattr(errno, name, None) for name in (
+        "EMFILE", "ENFILE", "ENOBUFS", "ENOMEM", "ECONNABORTED", "EPROTO", "EPERM", "EINTR", "EAGAIN", "ENETDOWN",
+        "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ECONNRESET",
+    )) if code is not None
+)
+"""accept(2) errors after which accepting again can succeed (the Linux man page's list, plus resource limits)."""
 PARALLEL_MODES = ("auto", "ulysses", "none")
 """How ranks share a step's compute: auto (CFG split, then Ulysses), ulysses (sequence only), none (memory only)."""
 
@@ -138,14 +168,28 @@ class WorkerSpec:
         return cls(**fields)
 
 
-def encode(message: dict[str, Any]) -> bytes:
+def encode_plain(value: Any) -> bytes:
+    """Plain data (dicts, lists, strings, numbers, tensors) as bytes: ``torch.save``'s format."""
     buffer = io.BytesIO()
-    torch.save(message, buffer)
+    torch.save(value, buffer)
     return buffer.getvalue()
 
 
+def decode_plain(data: bytes) -> Any:
+    """The inverse of :func:`encode_plain` with ``weights_only=True``: anything that names code to run (a pickled
+    object, a ``__reduce__``) is refused with an error instead of being executed."""
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError... for bad bytes
+        raise ValueError(f"not plain data ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return encode_plain(message)
+
+
 def decode(data: bytes) -> dict[str, Any]:
-    message = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    message = decode_plain(data)
     if not isinstance(message, dict) or "op" not in message:
         raise ValueError("malformed message on the worker link")
     return message
@@ -190,45 +234,121 @@ class LinkServer:
     """The parent side: listens on 127.0.0.1, authenticates each connection, hands out ``(hello, Link)`` pairs.
 
     Each connection is authenticated in its own thread, so a local process that connects and then says nothing
-    holds up only itself; ``close()`` ends those threads too. Connections that fail the challenge are dropped and
-    logged; they never reach the caller.
+    holds up only itself - and only for ``handshake_timeout`` seconds, and never more than ``max_pending``
+    connections at once: beyond that the oldest unauthenticated one is dropped, so junk connections cannot starve a
+    real worker. Connections that fail the challenge are dropped and logged; they never reach the caller.
+
+    The accept loop survives transient errors (``EMFILE`` when the process is out of file descriptors,
+    ``ECONNABORTED``...): it logs, waits a moment and accepts again. When accepting has failed for
+    ``ACCEPT_FAILURE_S`` seconds without a single success, or fails with an error that is not transient,
+    :attr:`failure` says why, so a launch fails in seconds instead of waiting for its startup timeout.
+
+    ``listener``: an already bound and listening socket (tests pass one that injects faults); by default a fresh
+    one on a free loopback port.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, listener: socket.socket | None = None, *, max_pending: int = MAX_PENDING_HANDSHAKES,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT_S):
         self.authkey = secrets.token_bytes(32)
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind((LOOPBACK, 0))
-        self._socket.listen(16)
+        if listener is None:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.bind((LOOPBACK, 0))
+            listener.listen(BACKLOG)
+        self._socket = listener
+        self._socket.settimeout(ACCEPT_TICK_S)  # wake up regularly to expire stale handshakes
         self.address = f"{LOOPBACK}:{self._socket.getsockname()[1]}"
+        self.max_pending = max_pending
+        self.handshake_timeout = handshake_timeout
         self._accepted: list[tuple[dict[str, Any], Link]] = []
         self._cond = threading.Condition()
-        self._pending: set[socket.socket] = set()
+        self._pending: dict[socket.socket, float] = {}
+        """Sockets still authenticating, with the time they were accepted (insertion order: oldest first)."""
         self._closed = False
         self.refused = 0
-        """Connections that failed authentication (tests and logs read it)."""
+        """Connections that failed authentication, timed out or were dropped (tests and logs read it)."""
+        self.failure: str | None = None
+        """Why the accept loop cannot accept (set when it has failed for ``ACCEPT_FAILURE_S`` s, or for good)."""
         self._thread = threading.Thread(target=self._accept_loop, name="video-offload-link-accept", daemon=True)
         self._thread.start()
 
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
     def _accept_loop(self) -> None:
+        failing_since: float | None = None
+        last_logged = 0.0
         while True:
+            self._expire_handshakes()
             try:
                 sock, _ = self._socket.accept()
-            except OSError:
-                return  # closed
+            except TimeoutError:
+                continue
+            except OSError as e:
+                with self._cond:
+                    if self._closed:
+                        return
+                now = time.monotonic()
+                if e.errno not in TRANSIENT_ACCEPT_ERRORS:
+                    self._fail(f"accepting connections failed: {_describe(e)}")
+                    return
+                failing_since = failing_since or now
+                if now - last_logged > 5.0:
+                    last_logged = now
+                    logger.warning("worker link: accepting a connection failed (%s); retrying", _describe(e))
+                if now - failing_since > ACCEPT_FAILURE_S and self.failure is None:
+                    self._fail(f"accepting connections has failed for {now - failing_since:.0f} s: {_describe(e)}"
+                               + (". Fix: raise the open-file limit (ulimit -n)" if e.errno in (errno.EMFILE, errno.ENFILE)
+                                  else ""))
+                time.sleep(ACCEPT_RETRY_S)  # let descriptors be freed (EMFILE) before trying again
+                continue
+            failing_since = None
+            with self._cond:
+                self.failure = None  # healthy again
             sock.setblocking(True)
             with self._cond:
                 if self._closed:
                     sock.close()
                     return
-                self._pending.add(sock)
+                self._pending[sock] = time.monotonic()
+                excess = len(self._pending) - self.max_pending
+                oldest = list(self._pending)[:max(excess, 0)]
+            for stale in oldest:
+                self._drop(stale, f"more than {self.max_pending} connections were authenticating at once")
             threading.Thread(target=self._handshake, args=(sock,), name="video-offload-link-auth", daemon=True).start()
+
+    def _fail(self, why: str) -> None:
+        with self._cond:
+            self.failure = why
+            self._cond.notify_all()
+        logger.error("worker link: %s", why)
+
+    def _expire_handshakes(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            stale = [sock for sock, started in self._pending.items() if now - started > self.handshake_timeout]
+        for sock in stale:
+            self._drop(sock, f"no authentication within {self.handshake_timeout:g} s")
+
+    def _drop(self, sock: socket.socket, why: str) -> None:
+        """End a handshake that is still pending: its thread sees EOF and counts it as refused."""
+        with self._cond:
+            if self._pending.pop(sock, None) is None:
+                return
+        logger.warning("worker link: dropped a connection (%s)", why)
+        _shutdown_socket(sock)
 
     def _handshake(self, sock: socket.socket) -> None:
         # The Connection gets its own descriptor of the socket: ``close()`` can then shut the socket down under a
         # handshake blocked in recv (the recv returns EOF) while each object closes only the descriptor it owns.
         try:
             connection = mpc.Connection(os.dup(sock.fileno()))
-        except OSError:  # closed by close() before this thread ran
+        except OSError:  # closed by close() or dropped before this thread ran (or no descriptor left)
+            with self._cond:
+                self._pending.pop(sock, None)
+                self.refused += 1
+            _shutdown_socket(sock)
             return
         try:
             # The same two steps as multiprocessing's Listener.accept: challenge the client, then answer its
@@ -236,24 +356,24 @@ class LinkServer:
             mpc.deliver_challenge(connection, self.authkey)
             mpc.answer_challenge(connection, self.authkey)
             link = Link(connection)
-            if not connection.poll(HANDSHAKE_TIMEOUT_S):
+            if not connection.poll(self.handshake_timeout):
                 raise TimeoutError("no hello after authentication")
             hello = link.recv()
             if hello.get("op") != "hello" or not isinstance(hello.get("rank"), int):
-                raise ValueError(f"expected a hello, got {hello.get('op')!r}")
+                raise ValueError(f"expected a hello, got {str(hello.get('op'))[:40]!r}")
         except (mpc.AuthenticationError, EOFError, OSError, ValueError, TimeoutError, RuntimeError) as e:
             with self._cond:
-                self._pending.discard(sock)
+                self._pending.pop(sock, None)
                 if not self._closed:
                     self.refused += 1
-                    logger.warning("worker link: refused a connection (%s: %s)", type(e).__name__, e)
+                    logger.warning("worker link: refused a connection (%s: %s)", type(e).__name__, str(e)[:200])
             connection.close()
             sock.close()
             return
         with self._cond:
-            self._pending.discard(sock)
+            still_pending = self._pending.pop(sock, None) is not None
             sock.close()
-            if self._closed:
+            if self._closed or not still_pending:  # closed, or dropped as stale while it answered
                 connection.close()
                 return
             self._accepted.append((hello, link))
@@ -282,6 +402,10 @@ class LinkServer:
             _shutdown_socket(sock)
         for _, link in accepted:
             link.close()
+
+
+def _describe(error: OSError) -> str:
+    return f"{errno.errorcode.get(error.errno, error.errno)}: {os.strerror(error.errno)}" if error.errno else str(error)
 
 
 def _shutdown_socket(sock: socket.socket) -> None:

@@ -59,13 +59,18 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from .protocol import ENV_ADDRESS, ENV_AUTHKEY, ENV_PARENT_PID, ENV_SPEC, Link, WorkerSpec, connect  # noqa: E402
+from .plain_collectives import all_gather_plain, broadcast_plain, control_key  # noqa: E402
+from .protocol import ENV_ADDRESS, ENV_AUTHKEY, ENV_PARENT_PID, ENV_SPEC, ENV_STORE, Link, WorkerSpec, connect  # noqa: E402
 
 logger = logging.getLogger("video_offload.worker")
 
 KEEPALIVE_S = 60.0
 CONTROL_TIMEOUT = datetime.timedelta(minutes=30)
 """Gloo timeout of the control group: covers loading a large model; idle waits are kept short by the keepalive."""
+
+
+def dist_world_size() -> int:
+    return int(os.environ["WORLD_SIZE"])
 
 
 class StepCancelled(Exception):
@@ -77,14 +82,14 @@ def main() -> int:
     _die_with_torchrun()
     spec = WorkerSpec.from_json(os.environ[ENV_SPEC])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    link = _connect_to_parent(rank, local_rank)
+    link, secret = _connect_to_parent(rank, local_rank)
     if link is None and rank == 0:
         logger.error("rank 0 has no link to the pack's process (%s unset); nothing to serve", ENV_ADDRESS)
         return 2
     heartbeat = Heartbeat(link, spec.heartbeat_interval_s, os.environ.pop(ENV_PARENT_PID, None))
     heartbeat.start()
     try:
-        Worker(spec, rank, local_rank, link).serve()
+        Worker(spec, rank, local_rank, link, secret).serve()
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process exits non-zero
         _report(link, rank, e)
         sys.stdout.flush()
@@ -107,14 +112,16 @@ def _die_with_torchrun() -> None:
         os._exit(1)
 
 
-def _connect_to_parent(rank: int, local_rank: int) -> Link | None:
+def _connect_to_parent(rank: int, local_rank: int) -> tuple[Link | None, bytes | None]:
+    """The link to the parent and the launch's secret (None, None on another machine)."""
     address = os.environ.pop(ENV_ADDRESS, None)
     key = os.environ.pop(ENV_AUTHKEY, None)  # out of os.environ: nothing this process starts inherits it
     if not address or not key:
-        return None  # a rank on another machine (multi-node): it follows rank 0 through collectives only
-    link = connect(address, bytes.fromhex(key))
+        return None, None  # a rank on another machine (multi-node): it follows rank 0 through collectives only
+    secret = bytes.fromhex(key)
+    link = connect(address, secret)
     link.send({"op": "hello", "rank": rank, "local_rank": local_rank, "pid": os.getpid()})
-    return link
+    return link, secret
 
 
 class Heartbeat(threading.Thread):
@@ -212,7 +219,7 @@ class Worker:
     """One rank's models and request loop. Family methods get this object: ``models`` (name -> sharded DiT),
     ``parallelism`` (name -> ``Parallelism``), ``model_spec``, ``source``, ``device``, ``rank``, ``dtype``."""
 
-    def __init__(self, spec: WorkerSpec, rank: int, local_rank: int, link: Link | None):
+    def __init__(self, spec: WorkerSpec, rank: int, local_rank: int, link: Link | None, secret: bytes | None = None):
         self.spec = spec
         self.rank = rank
         self.local_rank = local_rank
@@ -224,18 +231,29 @@ class Worker:
         self.source: Any = None
         self.models: dict[str, Any] = {}
         self.parallelism: dict[str, Any] = {}
+        # On one machine every rank holds the launch's secret, so control messages between ranks are signed and
+        # checked; across machines the others do not (they trust their network, see the README).
+        self.control_key = control_key(secret) if spec.nnodes == 1 else None
         self.shutdown_requested = False
         """Rank 0 read a shutdown where it expected a step reply; the loop ends after the step is cancelled."""
 
     # ------------------------------------------------------------------ setup
 
     def _init_process_group(self) -> None:
+        # On one machine the process group meets through a file in a folder only this user can open, not through
+        # torchrun's TCP store (which every local process, and the network, can read and write): the collectives'
+        # addresses and NCCL's bootstrap secret never appear there.
+        store_file = os.environ.pop(ENV_STORE, None)
+        rendezvous: dict[str, Any] = {}
+        if store_file:
+            rendezvous = dict(store=dist.FileStore(store_file, dist_world_size()), rank=self.rank,
+                              world_size=dist_world_size())
         if self.spec.device == "cuda":
             self.device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl", device_id=self.device)
+            dist.init_process_group("nccl", device_id=self.device, **rendezvous)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", **rendezvous)
         self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
     def _load(self) -> dict[str, Any]:
@@ -275,8 +293,7 @@ class Worker:
             total_bytes += unsharded_bytes(model) + sum(b.numel() * b.element_size() for b in model.buffers())
         mine = {"weight_bytes": weight_bytes, "seconds": time.perf_counter() - started, "placement": placement,
                 "device_bytes": torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0}
-        everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine, group=self.control)
+        everyone = all_gather_plain(mine, group=self.control, key=self.control_key)
         if self.rank == 0:
             logger.info("DiT loaded in %.1f s: %s", mine["seconds"], plan.describe())
         return {
@@ -310,20 +327,23 @@ class Worker:
         dist.destroy_process_group()
 
     def _next_request(self) -> dict[str, Any]:
-        box: list[Any] = [None]
+        request: dict[str, Any] | None = None
         if self.rank == 0:
-            box[0] = {"op": "noop"}
+            request = {"op": "noop"}
             if self.shutdown_requested:
-                box[0] = {"op": "shutdown"}
+                request = {"op": "shutdown"}
             elif self.link.poll(KEEPALIVE_S):
                 try:
-                    box[0] = self.link.recv()
+                    request = self.link.recv()
                 except EOFError:
-                    box[0] = {"op": "shutdown"}  # the parent is gone: take everyone down cleanly
-            if box[0]["op"] in ("continue", "cancel"):
-                box[0] = {"op": "noop"}  # a reply to a step that no longer runs
-        dist.broadcast_object_list(box, src=0, group=self.control)
-        return box[0]
+                    request = {"op": "shutdown"}  # the parent is gone: take everyone down cleanly
+            if request["op"] in ("continue", "cancel"):
+                request = {"op": "noop"}  # a reply to a step that no longer runs
+        # Plain data, signed: never a pickle, never a request that did not come from rank 0 of this launch.
+        request = broadcast_plain(request, src=0, group=self.control, key=self.control_key)
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            raise ValueError("malformed request on the control group")
+        return request
 
     def _call(self, method_name: str, payload: dict[str, Any]) -> None:
         method = self.model_spec.worker_methods.get(method_name)
@@ -339,8 +359,7 @@ class Worker:
                 self.link.send({"op": "cancelled", "step": stop.args[0]})
             return
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
-        peaks: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, peak, group=self.control)
+        peaks = all_gather_plain(int(peak), group=self.control, key=self.control_key)
         if self.rank == 0:
             stats = {"step_seconds": steps.seconds, "peak_bytes": peaks}
             self.link.send({"op": "result", "reply": reply, "stats": stats})

@@ -66,6 +66,8 @@ def open_model(path: Any) -> tuple[DiffusersFolder, ModelSpec]:
     folder = DiffusersFolder.open(path, folder_hint())
     spec = spec_for_index(folder.index, folder.path)
     folder.check(spec)
+    if spec.check_configs is not None:
+        spec.check_configs(folder)  # configs vs bounds and headers, before anything is built
     return folder, spec
 
 

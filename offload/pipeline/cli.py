@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from ..config import PRECISIONS, SamplingParams, option_specs
+from ..core.devices import resolve_device
 from ..errors import VideoOffloadError
 
 DEMO_SETTINGS = dict(height=256, width=256, num_frames=17, num_inference_steps=8)
 """The demo's size: a tiny random model renders this in seconds on two CPU cores."""
+DEMO_MODEL = "tiny-wan2.1-t2v-v1"
+"""The demo model's folder in the cache (the version changes when the tiny builder's output does)."""
 
 
 def _bool(text: str) -> bool:
@@ -75,10 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = {k: getattr(args, k) for k in ("height", "width", "num_frames", "num_inference_steps", "seed")}
     try:
+        resolve_device(args.device)  # a bad --device fails before anything is built or read
         if args.demo:
-            from ..families.wan.tiny import build_tiny_wan
-
-            model_path = build_tiny_wan(Path(tempfile.mkdtemp(prefix="video_offload_demo_")) / "tiny-wan2.1-t2v")
+            model_path = demo_model()
             sizes = {k: (DEMO_SETTINGS.get(k) if v is None else v) for k, v in sizes.items()}
         else:
             model_path = Path(args.model_path)
@@ -104,6 +108,40 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"rendered {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}", file=sys.stderr)
     return 0
+
+
+def demo_cache() -> Path:
+    """Where ``--demo`` keeps its tiny model: ``$XDG_CACHE_HOME/video-offload`` (``~/.cache/video-offload``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "video-offload"
+
+
+def demo_model() -> Path:
+    """The demo's tiny model, built once into the cache and reused (the builder is deterministic), so runs leave
+    no temporary folders behind. Two demos starting at once each build into a private folder; the first rename
+    wins and the other's copy is removed."""
+    from ..families import open_model
+    from ..families.wan.tiny import build_tiny_wan
+
+    target = demo_cache() / DEMO_MODEL
+    if target.is_dir():
+        try:
+            open_model(target)
+            return target
+        except VideoOffloadError:
+            shutil.rmtree(target, ignore_errors=True)  # a damaged cache: build it again
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        build_tiny_wan(building / "model")
+        try:
+            os.rename(building / "model", target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return target
 
 
 class ProgressBarObserver:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -17,9 +18,10 @@ import numpy as np
 
 from ..config import OffloadConfig, Precision, SamplingParams, make_offload_config
 from ..core.denoise import StepObserver
+from ..core.devices import resolve_device
 from ..core.manager import OffloadManager
-from ..errors import VideoSaveError
-from .stages import check_params_for_model, decode_video, encode_prompts, load_model, sample_latents
+from ..errors import ConfigError, VideoSaveError
+from .stages import check_job_memory, check_params_for_model, decode_video, encode_prompts, load_model, sample_latents
 from .video_io import save_mp4, validate_fps
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ class VideoGenerator:
         self.config = config
         self.manager = manager
         self.model = load_model(manager, model_path, precision)
+        self.last_video_path: Path | None = None
+        """The .mp4 the last ``generate_video`` saved (a counter is appended when a name is taken)."""
 
     @classmethod
     def from_pretrained(
@@ -51,7 +55,13 @@ class VideoGenerator:
         ``prefetch_depth``, ``resident_blocks`` and ``auto_offload``); an unknown name is refused.
         """
         config = make_offload_config(num_gpus=num_gpus, **options)
-        return cls(model_path, config, Precision(dit=precision, vae=vae_precision), manager or OffloadManager(device))
+        precision_config = Precision(dit=precision, vae=vae_precision)
+        if manager is None:
+            manager = OffloadManager(device)
+        elif device is not None and resolve_device(device) != manager.device:
+            raise ConfigError("device", device, f"differs from the given manager's device ({manager.device})",
+                              "pass either device or manager")
+        return cls(model_path, config, precision_config, manager)
 
     def generate_video(
         self,
@@ -76,7 +86,8 @@ class VideoGenerator:
         ``image`` (image-to-video models) is the start frame: a PIL image, a file path or an ``[H, W, 3]`` array.
         Every parameter is checked before any weight is read.
         """
-        validate_fps(fps)
+        fps = validate_fps(fps)
+        target = check_output(output_path, save_video)  # before any work: a bad path must not cost a generation
         params = SamplingParams(
             height=height,
             width=width,
@@ -87,17 +98,19 @@ class VideoGenerator:
             seed=seed,
         )
         check_params_for_model(self.model, params)
+        check_job_memory(self.manager, self.model, self.config, params)  # before any weight moves or noise is drawn
         started = time.perf_counter()
         conditioning = encode_prompts(self.manager, self.model, self.config, prompt, negative_prompt, image)
         latents = sample_latents(self.manager, self.model, self.config, conditioning, params, observer)
         frames = decode_video(self.manager, self.model, self.config, latents).numpy()
         logger.info("generated %d frames in %.1f s", frames.shape[0], time.perf_counter() - started)
-        if save_video:
+        if target is not None:
             try:
-                path = save_mp4(frames, video_path(output_path, prompt, seed), fps=fps)
+                path = save_mp4(frames, video_path(target, prompt, params.seed), fps=fps)
             except VideoSaveError as e:
                 e.frames = frames  # the work is not lost: the caller can save these elsewhere
                 raise
+            self.last_video_path = path
             logger.info("saved %s", path)
         return frames
 
@@ -110,9 +123,52 @@ class VideoGenerator:
         self.manager.release(self.model)
 
 
+def check_output(output_path: Any, save_video: Any) -> Path | None:
+    """Where a video will be saved (``~`` expanded), or None when ``save_video`` is False; refuses what would only
+    fail after the whole generation: a value that is not a path, a NUL, a name too long for the file system, a
+    file where a folder must be, a folder the process cannot write to."""
+    if not isinstance(save_video, (bool, np.bool_)):
+        raise ConfigError("save_video", save_video, "must be True or False", "pass save_video=True or save_video=False")
+    if not save_video:
+        return None
+    fix = 'pass a folder such as "outputs/" or a file path ending in .mp4'
+    if not isinstance(output_path, (str, os.PathLike)) or isinstance(output_path, bytes):
+        raise ConfigError("output_path", output_path, "must be a folder or .mp4 path given as text", fix)
+    text = os.fspath(output_path)
+    if not isinstance(text, str):
+        raise ConfigError("output_path", output_path, "must be a folder or .mp4 path given as text", fix)
+    if not text.strip():
+        raise ConfigError("output_path", text, "is empty", fix)
+    if "\0" in text:
+        raise ConfigError("output_path", text, "contains a NUL character", fix)
+    path = Path(text).expanduser()
+    for part in path.parts:
+        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+            raise ConfigError("output_path", text, f"has a name longer than {MAX_NAME_BYTES} bytes", "use shorter names")
+    folder = path.parent if path.suffix.lower() == ".mp4" else path
+    if path.suffix.lower() == ".mp4" and path.is_dir():
+        raise ConfigError("output_path", text, "is a folder, but its name ends in .mp4", fix)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError("output_path", text, f"leads through {existing}, which is a file, not a folder",
+                          "choose another output folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("output_path", text, f"cannot be written: {existing} is not writable by this process",
+                          "choose an output folder you can write to")
+    return path
+
+
+MAX_NAME_BYTES = 200
+"""Longest file or folder name accepted (file systems allow 255 bytes; the counter and the temporary name need
+room)."""
+
+
 def video_path(output_path: str | Path, prompt: str, seed: int) -> Path:
-    """``output_path`` itself if it names an .mp4, else a file in that folder named after the prompt and seed."""
-    path = Path(output_path)
+    """``output_path`` itself if it names an .mp4, else a file in that folder named after the prompt and seed.
+    The name is a first choice: ``save_mp4`` appends a counter when it is taken, so no video is overwritten."""
+    path = Path(output_path).expanduser()
     if path.suffix.lower() == ".mp4":
         return path
     slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60] or "video"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,11 @@ from ..config import OffloadConfig, Precision, SamplingParams, validate_prompt
 from ..core.chunking import configure_chunking, plan_chunking, tokenwise_bytes_per_token
 from ..core.denoise import Conditioning, StepObserver, denoise, guided_prediction, initial_noise, make_scheduler
 from ..core.loaded_model import LoadedModel
+from ..core.auto_offload import config_at_level, levels_for
 from ..core.manager import OffloadManager
+from ..core.memory_estimate import MemoryEstimate, check_fits, decode_parts, dit_parts, frame_shape, host_parts
 from ..core.spec import LatentSpace, Role
+from ..core.tensors import tensor_bytes
 from ..errors import ConfigError, OffloadOutOfMemoryError
 from ..families import open_model
 
@@ -41,6 +45,81 @@ def check_params_for_model(model: LoadedModel, params: SamplingParams) -> None:
     """Refuse sizes the model cannot represent: its latent geometry, then its own limits. Reads configs only."""
     latent_space(model).check(params)
     model.spec.stages.check_params(model.source, params)
+
+
+def _memory_model(model: LoadedModel) -> Any:
+    return model.spec.memory_model(model.source) if model.spec.memory_model is not None else None
+
+
+def placed_bytes(model: LoadedModel, name: str) -> int:
+    """Bytes of component ``name``'s weights once cast to its dtype: of the module itself when it is loaded, else
+    from the safetensors headers (no weight read)."""
+    loaded = model.components.get(name)
+    if isinstance(loaded, torch.nn.Module):
+        return tensor_bytes(loaded)
+    dtype = model.dtypes.get(name)
+    entries = getattr(model.source, "tensor_entries", None)
+    if entries is None or dtype is None:
+        return model.source.weight_bytes(name)
+    total = 0
+    for entry in entries(name).values():
+        itemsize = dtype.itemsize if entry.dtype.is_floating_point else entry.dtype.itemsize
+        total += math.prod(entry.shape) * itemsize
+    return total
+
+
+def job_memory(manager: OffloadManager, model: LoadedModel, config: OffloadConfig, params: SamplingParams) -> MemoryEstimate:
+    """The host and device memory one video of ``params`` needs with ``config`` (``core.memory_estimate``).
+    Reads configs and safetensors headers only."""
+    space = latent_space(model)
+    shape = space.shape(params)
+    frames = frame_shape(shape, space.temporal_factor, space.spatial_factor)
+    memory_model = _memory_model(model)
+    if config.auto_offload:  # the auto walk may end at its most offloaded level: judge the job there
+        config = config_at_level(config, len(levels_for(config)) - 1)
+    device: dict[str, dict[str, int]] = {}
+    dits = model.dit_names
+    if dits:
+        dit_bytes = max(placed_bytes(model, name) for name in dits)
+        itemsize = model.dtypes[dits[0]].itemsize
+        layerwise, shards, split = None, 1, 1
+        if config.distributed:
+            from ..distributed.fsdp import ParallelPlan
+
+            split = ParallelPlan.choose(config.num_gpus, "auto").sp
+            if config.dit_cpu_offload:
+                layerwise = 2  # shards in host memory; the gathered block and the next one on the device
+            else:
+                shards = config.num_gpus
+        elif config.dit_layerwise_offload:
+            resident = config.resident_blocks if isinstance(config.resident_blocks, int) else 0
+            layerwise = config.prefetch_depth + 1 + resident
+        device["DiT sampling"] = dit_parts(memory_model, space.tokens(shape), dit_bytes, itemsize, shape,
+                                           layerwise_blocks=layerwise, shards=shards, sequence_split=split)
+    vae = _name(model, Role.VAE)
+    if vae is not None:
+        vae_dtype = model.dtypes.get(vae, torch.float32)
+        device["VAE decode"] = decode_parts(memory_model, frames, placed_bytes(model, vae), vae_dtype.itemsize)
+    return MemoryEstimate(host=host_parts(shape, frames), device=device)
+
+
+def check_job_memory(manager: OffloadManager, model: LoadedModel, config: OffloadConfig, params: SamplingParams) -> None:
+    """Refuse a job that cannot fit in host memory or on the device, before any weight moves or noise is drawn."""
+    what = f"{params.width}x{params.height}, {params.num_frames} frames"
+    check_fits(job_memory(manager, model, config, params), what, manager.device)
+
+
+def check_decode_memory(manager: OffloadManager, model: LoadedModel, latents: torch.Tensor) -> None:
+    """The decode part of :func:`check_job_memory`, for latents that come from elsewhere (a LATENT input)."""
+    space = latent_space(model)
+    frames = frame_shape(tuple(latents.shape), space.temporal_factor, space.spatial_factor)
+    vae = _name(model, Role.VAE)
+    vae_dtype = model.dtypes.get(vae, torch.float32)
+    estimate = MemoryEstimate(
+        host=host_parts(None, frames),
+        device={"VAE decode": decode_parts(_memory_model(model), frames, placed_bytes(model, vae), vae_dtype.itemsize)},
+    )
+    check_fits(estimate, f"a latent of shape {tuple(latents.shape)}", manager.device)
 
 
 def _with_auto_offload(manager: OffloadManager, model: LoadedModel, config: OffloadConfig, stage):
@@ -127,6 +206,7 @@ def sample_latents(
 ) -> torch.Tensor:
     """Denoise from the seed's noise; return the normalised latents ``[1, C, T, H/s, W/s]``, float32, on the CPU."""
     check_params_for_model(model, params)
+    check_job_memory(manager, model, config, params)
     if model.spec.image_to_video and conditioning.image is None:
         raise ConfigError(
             "conditioning", "text only", f"{model.name} is an image-to-video model",
@@ -211,24 +291,23 @@ def _with_image_condition(manager, model: LoadedModel, config, conditioning: Con
 
 
 def check_latents(model: LoadedModel, latents: Any) -> torch.Tensor:
-    """Latents this model's VAE can decode: a 5-D tensor with its channel count, one video, at least one frame."""
-    space = latent_space(model)
-    shape = tuple(getattr(latents, "shape", ())) or None
-    if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
-        raise ConfigError(
-            "latents", shape, f"must be a 5-D video latent [1, {space.channels}, T, H/{space.spatial_factor}, "
-            f"W/{space.spatial_factor}]", "connect the Sample node's LATENT",
-        )
+    """Latents this model's VAE can decode: ``[B, C, T, h, w]`` with its channel count and no empty axis."""
+    latent_space(model).check_latents(latents)
     return latents
 
 
 def decode_video(manager: OffloadManager, model: LoadedModel, config: OffloadConfig, latents: torch.Tensor) -> torch.Tensor:
-    """Decode normalised latents to frames ``[F, H, W, 3]``, float32 in 0..1, on the CPU."""
+    """Decode normalised latents ``[B, C, T, h, w]`` to frames ``[B*F, H, W, 3]``, float32 in 0..1, on the CPU.
+
+    A batch of several videos decodes one video at a time, their frames one after the other (as ComfyUI's VAE
+    Decode lays out a batch of video latents), never only the first."""
     latents = check_latents(model, latents)
     space = latent_space(model)
+    check_decode_memory(manager, model, latents)
 
     def decode(config: OffloadConfig) -> torch.Tensor:
         with manager.in_use(model, _name(model, Role.VAE), config) as (vae, device):
-            return model.spec.stages.decode(vae, latents, space, device)
+            videos = [model.spec.stages.decode(vae, latents[i:i + 1], space, device) for i in range(latents.shape[0])]
+        return videos[0] if len(videos) == 1 else torch.cat(videos)
 
     return _with_auto_offload(manager, model, config, decode)

@@ -23,21 +23,24 @@ from torch import nn
 
 from ..core.spec import ComponentSpec, ModelSpec, Role
 from ..errors import ModelLoadError
-from .safetensors_file import read_header
+from .files import check_component_files, check_inside, confinement_root, read_text
+from .safetensors_file import TensorEntry, read_header
 from .tensor_source import PICKLE_SUFFIXES, SafetensorsWeights, build_empty_model, folder_weight_files, pickle_message
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILES = ("config.json", "scheduler_config.json", "preprocessor_config.json")
+WEIGHT_NAMES = ("weight", "bias", "gamma", "beta")
+"""Last name components of tensors that are learned weights (and so floating point) in every model."""
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
 
 def read_json_object(path: Path, what: str) -> dict:
-    """A JSON file that must hold an object; errors name the file and the fix."""
+    """A JSON file that must hold an object; errors name the file and the fix (a regular file only: see
+    ``weights.files``)."""
+    text = read_text(path, what)
     try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: cannot read {what} ({e}). Fix: download it again.") from e
+        value = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({str(e)[:200]}). Fix: re-download {path.name}.") from e
     if not isinstance(value, dict):
@@ -52,6 +55,7 @@ class DiffusersFolder:
         self.path = path
         self.index = index
         self._configs: dict[str, dict] = {}
+        self._entries: dict[str, dict[str, TensorEntry]] = {}
 
     # ------------------------------------------------------------------ opening and checking
 
@@ -71,8 +75,9 @@ class DiffusersFolder:
                 f"Fix: {hint}."
             )
         index_path = root / "model_index.json"
-        if not index_path.is_file():
+        if not index_path.exists():
             raise ModelLoadError(f"{root} has no model_index.json, so it is not a Diffusers-format folder. Fix: {hint}.")
+        check_inside(index_path, confinement_root(root), root)
         return cls(root, read_json_object(index_path, "model_index.json"))
 
     @property
@@ -100,12 +105,37 @@ class DiffusersFolder:
                 raise ModelLoadError(
                     f"{self.path} is incomplete: the '{component.name}/' folder is missing. Fix: download it again."
                 )
+            # Before any file in it is opened (by us, or by transformers' tokenizer and processor loaders).
+            check_component_files(folder, confinement_root(self.path))
             if component.role.has_weights:
                 check_weights(folder)
+                self._check_weight_dtypes(component.name)
+                self._check_config_class(component.name, entry[1])
             if component.role is Role.TOKENIZER and not any((folder / f).is_file() for f in TOKENIZER_FILES):
                 raise ModelLoadError(
                     f"{folder} has neither tokenizer.json nor spiece.model. Fix: download the tokenizer folder again."
                 )
+
+    def _check_weight_dtypes(self, component: str) -> None:
+        """Weights and biases are floating point; an integer or bool one would load and then fail deep in a
+        matrix multiply (or silently compute in integers)."""
+        for name, entry in self.tensor_entries(component).items():
+            if not entry.dtype.is_floating_point and name.rpartition(".")[2] in WEIGHT_NAMES:
+                raise ModelLoadError(
+                    f"{self.path / component}: tensor {name[:100]!r} is stored as {entry.dtype}, but weights are "
+                    "floating point. The file is corrupt or not a model of this kind. Fix: re-download the "
+                    f"'{component}' folder."
+                )
+
+    def _check_config_class(self, component: str, class_name: str) -> None:
+        """A diffusers ``config.json`` names its class; one that names another class than ``model_index.json``
+        belongs to another model (the class is always taken from the index's allow-list, never from here)."""
+        named = self.config(component).get("_class_name")
+        if named is not None and named != class_name:
+            raise ModelLoadError(
+                f"{self.path / component / 'config.json'} is the config of a {str(named)[:80]!r}, but model_index.json "
+                f"says '{component}' is a {class_name!r}. Fix: re-download the '{component}' folder."
+            )
 
     # ------------------------------------------------------------------ ModelSource
 
@@ -130,29 +160,35 @@ class DiffusersFolder:
     def component_path(self, component: str) -> Path:
         return self.path / component
 
+    def config_path(self, component: str) -> Path:
+        """The JSON config file of a component (``config.json``, or the scheduler's/processor's own file)."""
+        for file_name in CONFIG_FILES:
+            config_path = self.path / component / file_name
+            if config_path.exists():  # read_json_object refuses what is not a regular file
+                return config_path
+        raise ModelLoadError(f"{self.path / component} has no config file. Fix: re-download the '{component}' folder.")
+
     def config(self, component: str) -> dict:
-        """The JSON config of a component (``config.json`` or the scheduler's/processor's own file), read once."""
+        """The JSON config of a component, read once."""
         if component not in self._configs:
-            for file_name in CONFIG_FILES:
-                config_path = self.path / component / file_name
-                if config_path.is_file():
-                    self._configs[component] = read_json_object(config_path, "the config")
-                    break
-            else:
-                raise ModelLoadError(
-                    f"{self.path / component} has no config file. Fix: re-download the '{component}' folder."
-                )
+            self._configs[component] = read_json_object(self.config_path(component), "the config")
         return dict(self._configs[component])
 
     def weight_files(self, component: str) -> list[Path]:
         return folder_weight_files(self.path / component)
 
     def weight_bytes(self, component: str) -> int:
-        total = 0
-        for file in self.weight_files(component):
-            entries, _ = read_header(file)
-            total += sum(entry.nbytes for entry in entries.values())
-        return total
+        return sum(entry.nbytes for entry in self.tensor_entries(component).values())
+
+    def tensor_entries(self, component: str) -> dict[str, TensorEntry]:
+        """Every tensor of a component as its safetensors headers describe it (name, dtype, shape), from every
+        shard; read once. What config checks and memory estimates compare against, before anything is built."""
+        if component not in self._entries:
+            entries: dict[str, TensorEntry] = {}
+            for file in self.weight_files(component):
+                entries.update(read_header(file)[0])
+            self._entries[component] = entries
+        return self._entries[component]
 
     def _class(self, component: ComponentSpec) -> type:
         name = self.class_name(component.name)
@@ -179,6 +215,9 @@ class DiffusersFolder:
         try:
             loaded = cls.from_pretrained(path, **kwargs)
         except Exception as e:  # noqa: BLE001 - re-raised with the component named
+            interrupt = _interrupt_in(e)
+            if interrupt is not None:  # Ctrl+C (or the host's Cancel) that a library wrapped: not a damaged file
+                raise interrupt from None
             raise ModelLoadError(
                 f"Loading '{component.name}' from {path} failed: {type(e).__name__}: {str(e)[:300]}. Fix: check that "
                 "the folder is a complete, uncorrupted download (delete and re-download the component if unsure)."
@@ -197,6 +236,20 @@ class DiffusersFolder:
     def empty_model(self, component: ComponentSpec, dtype: torch.dtype | None) -> nn.Module:
         cls = self._class(component)
         return build_empty_model(cls, self.config(component.name), dtype, str(self.path / component.name))
+
+
+def _interrupt_in(error: BaseException) -> BaseException | None:
+    """A user's interrupt (``KeyboardInterrupt``, ComfyUI's ``InterruptProcessingException``) that ``error`` was
+    raised from or while handling, if any. Libraries wrap what they catch into their own errors; loading that was
+    interrupted must be reported as interrupted, never as a corrupt model to re-download."""
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, KeyboardInterrupt) or type(current).__name__ == "InterruptProcessingException":
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def check_weights(folder: Path) -> list[Path]:

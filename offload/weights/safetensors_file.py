@@ -16,7 +16,6 @@ import ctypes
 import json
 import math
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..dtypes import SAFETENSORS_DTYPES
+from .files import open_regular
 
 MAX_HEADER_BYTES = 100 * 2**20
 """A real header is a few MB at most (tens of thousands of tensors); anything larger is not a model file."""
@@ -56,26 +56,26 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
     """Parse and check ``path``'s header: every entry's dtype, shape and byte range, and that the file holds every
     byte the header promises (a truncated download is the most common broken model). Reads no tensor data."""
     path = Path(path)
+    fd = open_regular(path)  # a FIFO or device is refused here, never waited on
     try:
-        info = os.stat(path)
-    except OSError as e:
-        raise ModelLoadError(f"{path}: cannot open ({e}). The file is missing; download it again.") from e
-    if not stat.S_ISREG(info.st_mode):
-        raise ModelLoadError(f"{path} is not a regular file. Fix: point at the downloaded .safetensors file itself.")
-    size = info.st_size
-    try:
-        with open(path, "rb") as handle:
+        size = os.fstat(fd).st_size
+        with os.fdopen(fd, "rb", closefd=False) as handle:
             raw = handle.read(8)
             if len(raw) < 8:
                 raise ValueError("file shorter than the 8-byte header length")
             header_len = int.from_bytes(raw, "little")
             if not 0 < header_len <= min(size - 8, MAX_HEADER_BYTES):
-                raise ValueError(f"header length {header_len} does not fit in a {size}-byte file")
+                # The length itself is not echoed: in a file that is not a model it is 8 bytes of its content.
+                raise ValueError(f"its 8-byte header length does not fit in a file of this size (at most {MAX_HEADER_BYTES} bytes)")
             header = json.loads(handle.read(header_len))
     except OSError as e:
-        raise ModelLoadError(f"{path}: cannot read ({e}).") from e
+        raise ModelLoadError(f"{path}: cannot read ({os.strerror(e.errno) if e.errno else type(e).__name__}).") from e
+    except UnicodeDecodeError:
+        raise _invalid(path, "the header is not UTF-8 JSON") from None
     except (ValueError, RecursionError) as e:
         raise _invalid(path, str(e)[:200]) from e
+    finally:
+        os.close(fd)
     if not isinstance(header, dict):
         raise _invalid(path, f"the header is a JSON {type(header).__name__}, not an object")
     data_start = 8 + header_len
@@ -123,7 +123,7 @@ class SafetensorsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.entries, self.metadata = read_header(self.path)
-        self._fd: int | None = os.open(self.path, os.O_RDONLY) if _HAS_PREADV else None
+        self._fd: int | None = open_regular(self.path) if _HAS_PREADV else None
 
     def __enter__(self) -> SafetensorsFile:
         return self

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.tensors import tensor_refs
 from ..errors import ModelLoadError
+from .files import read_text
 from .safetensors_file import SafetensorsFile, TensorEntry
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def folder_weight_files(folder: Path) -> list[Path]:
         names: set[str] = set()
         for index_path in indexes:
             try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
+                weight_map = json.loads(read_text(index_path, "shard index"))["weight_map"]
                 names |= set(weight_map.values())
             except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise ModelLoadError(f"{index_path} is not a valid shard index ({str(e)[:200]}). Fix: re-download it.") from e

@@ -18,34 +18,85 @@ from ...core.spec import LatentSpace
 from ...errors import ConfigError
 
 
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""Largest start image (64 megapixels; an 8K frame is 33). It is resized to the video's size anyway."""
+MAX_ASPECT_RATIO = 8.0
+"""Widest (or tallest) start image. CLIP preprocessing scales the shortest side up to 224 pixels, so a 1x10000
+strip would become 224x2,240,000 floats (GBs) from a 126-byte PNG; no video has such a shape."""
+
+
+def check_image_size(width: int, height: int, field: str = "image") -> None:
+    """Refuse an empty image, one over ``MAX_IMAGE_PIXELS``, or one more elongated than ``MAX_ASPECT_RATIO``,
+    before any pixel is decoded or resized."""
+    size = f"{width}x{height}"
+    if width < 1 or height < 1:
+        raise ConfigError(field, size, "is an empty image", "pass an image with at least one pixel")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ConfigError(field, size, f"has more than {MAX_IMAGE_PIXELS // 2**20} megapixels",
+                          "resize the start image to about the video's size (e.g. 832x480)")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ConfigError(field, size, f"is more elongated than {MAX_ASPECT_RATIO:g}:1",
+                          "crop the start image to the video's aspect ratio (e.g. 832x480)")
+
+
 def to_pil(image: Any, field: str = "image"):
-    """Accept a PIL image, a file path, an ``[H, W, 3]`` array in 0..1 or 0..255, or a ComfyUI IMAGE tensor
-    ``[1, H, W, 3]`` (0..1); return an RGB PIL image."""
+    """Accept a PIL image, a file path, an ``[H, W, 3]`` array or a ComfyUI IMAGE tensor ``[1, H, W, 3]``; return
+    an RGB PIL image.
+
+    Float arrays and tensors are 0..1 (ComfyUI's IMAGE): values are clipped to that range, never rescaled by
+    guessing from their maximum - a bicubic upscale overshoots 1.0 slightly, and must not turn the frame black.
+    Integer arrays are 0..255. Sizes are checked (:func:`check_image_size`) before anything is decoded.
+    """
     import PIL.Image
 
     if isinstance(image, PIL.Image.Image):
+        check_image_size(*image.size, field=field)
         return image.convert("RGB")
     if isinstance(image, (str, Path)):
-        try:
-            with PIL.Image.open(image) as opened:
-                return opened.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise ConfigError(field, str(image), f"could not be read as an image ({e})", "pass a PNG or JPEG file") from e
+        return _open_image_file(image, field)
     if isinstance(image, torch.Tensor):
+        if image.dtype.is_complex or not (image.dtype.is_floating_point or image.dtype == torch.uint8):
+            raise ConfigError(field, f"tensor of {image.dtype}", "is not an image tensor",
+                              "pass a float IMAGE in 0..1 (as ComfyUI's Load Image gives)")
         image = image.detach().cpu().float().numpy()
     if isinstance(image, np.ndarray):
-        array = image
-        if array.ndim == 4 and array.shape[0] == 1:
-            array = array[0]
-        if array.ndim != 3 or array.shape[-1] not in (3, 4) or min(array.shape[:2]) < 1:
-            raise ConfigError(field, array.shape, "is not an [H, W, 3] image", "pass one RGB image")
-        if not np.isfinite(array).all():
-            raise ConfigError(field, "array with NaN/inf", "has non-finite pixels", "pass a valid image")
-        if array.dtype != np.uint8:
-            scale = 255.0 if array.max() <= 1.0 else 1.0
-            array = (np.clip(array * scale, 0, 255)).round().astype(np.uint8)
-        return PIL.Image.fromarray(array[..., :3], "RGB")
+        return _array_to_pil(image, field)
     raise ConfigError(field, type(image).__name__, "is not an image", "pass a PIL image, a file path or an array")
+
+
+def _open_image_file(path: str | Path, field: str):
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as opened:  # reads the header only: the size is known before decoding
+            check_image_size(*opened.size, field=field)
+            return opened.convert("RGB")
+    except PIL.Image.DecompressionBombError as e:
+        raise ConfigError(field, str(path), "is too large to decode safely (PIL's decompression-bomb limit)",
+                          "resize the start image to about the video's size") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ConfigError(field, str(path), f"could not be read as an image ({str(e)[:200]})",
+                          "pass a PNG or JPEG file") from e
+
+
+def _array_to_pil(array: np.ndarray, field: str):
+    import PIL.Image
+
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ConfigError(field, array.shape, "is not an [H, W, 3] image", "pass one RGB image")
+    check_image_size(array.shape[1], array.shape[0], field=field)
+    if array.dtype.kind not in "uif":  # bool, complex, object, strings...
+        raise ConfigError(field, f"array of {array.dtype}", "is not an image array",
+                          "pass floats in 0..1 or integers in 0..255")
+    if array.dtype != np.uint8:
+        if array.dtype.kind == "f":
+            if not np.isfinite(array).all():
+                raise ConfigError(field, "array with NaN/inf", "has non-finite pixels", "pass a valid image")
+            array = np.clip(array, 0.0, 1.0) * 255.0  # 0..1 by definition: clip, never guess the scale
+        array = np.clip(array, 0, 255).round().astype(np.uint8)
+    return PIL.Image.fromarray(np.ascontiguousarray(array[..., :3]), "RGB")
 
 
 @torch.no_grad()

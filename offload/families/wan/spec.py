@@ -12,6 +12,7 @@ from ...core.denoise import Conditioning
 from ...core.spec import ComponentSpec, LatentSpace, ModelSource, ModelSpec, Role, lazy_classes
 from ...errors import ConfigError
 from ...distributed.sampling import sample_in_workers
+from .config_checks import check_wan_configs, wan_memory_model
 from .parallelize import parallelize_wan
 
 TOKENIZER = ComponentSpec("tokenizer", Role.TOKENIZER, lazy_classes("transformers", "T5Tokenizer", "T5TokenizerFast", "AutoTokenizer"))
@@ -108,7 +109,8 @@ class WanStages:
 
 STAGES = WanStages()
 _COMMON = dict(family="wan2.1", stages=STAGES, module=__name__, parallelize=parallelize_wan,
-               worker_methods={"sample": sample_in_workers})
+               worker_methods={"sample": sample_in_workers}, check_configs=check_wan_configs,
+               memory_model=wan_memory_model)
 
 WAN21_T2V = ModelSpec(
     name="wan2.1-t2v", pipeline_class="WanPipeline",
