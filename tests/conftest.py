@@ -9,9 +9,18 @@ import torch
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one (run on the device machine)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on two CPU cores")
+    config.addinivalue_line(
+        "markers", "exhaustive: a proof over every case, or a real-size model on the CPU (minutes); skipped unless "
+                   "selected with -m exhaustive (CI runs everything else)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
+    if "exhaustive" not in (config.getoption("-m") or ""):
+        long = pytest.mark.skip(reason="exhaustive: run with -m exhaustive")
+        for item in items:
+            if "exhaustive" in item.keywords:
+                item.add_marker(long)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA; run on the device machine")

@@ -143,7 +143,7 @@ class ToyStages:
     def encode_image(self, processor, encoder, image, device):
         raise NotImplementedError
 
-    def image_condition(self, vae, image, params, space, device):
+    def image_condition(self, vae, image, params, space, device, tiling="off", available_bytes=None):
         raise NotImplementedError
 
     def noise_predictor(self, dit, conditioning, device, dtype) -> ToyPredictor:
@@ -153,7 +153,7 @@ class ToyStages:
         return dits[0]
 
     @torch.no_grad()
-    def decode(self, vae, latents, space, device) -> torch.Tensor:
+    def decode(self, vae, latents, space, device, tiling="off", available_bytes=None) -> torch.Tensor:
         dtype = next(vae.parameters()).dtype
         video = vae.decode(space.to_raw(latents.to(device, dtype)))
         return (video[0] * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float().cpu().contiguous()

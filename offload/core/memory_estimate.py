@@ -105,15 +105,23 @@ def host_parts(latent_shape: tuple[int, ...] | None, frames: tuple[int, int, int
     return parts
 
 
+TILED_WORKING_SET_SHARE = 4
+"""With exact VAE tiling available, the decode's working set is bounded by its tiles; the estimate takes a 2x2 grid
+(a quarter of the frame, halos aside) and the video assembled in host memory. The tiling itself chooses its grid
+from the memory actually free, so this only keeps the up-front check from refusing what tiling makes fit."""
+
+
 def decode_parts(model: MemoryModel | None, frames: tuple[int, int, int, int], vae_bytes: int,
-                 vae_itemsize: int) -> dict[str, int]:
+                 vae_itemsize: int, tiled: bool = False) -> dict[str, int]:
     """The VAE decode's device peak: weights, working set per frame pixel, and the decoded video (in the VAE's
-    dtype, then float32 on its way out)."""
+    dtype, then float32 on its way out) - or, when the decode may tile, a tile's working set and no video."""
     count, height, width, _ = frames
     parts = {"VAE weights": vae_bytes}
     if model is not None:
-        parts["VAE decode working set"] = model.vae_elements_per_pixel * height * width * vae_itemsize
-    parts["decoded video on the device"] = count * height * width * 3 * (vae_itemsize + 3 * 4)
+        working = model.vae_elements_per_pixel * height * width * vae_itemsize
+        parts["VAE decode working set"] = working // TILED_WORKING_SET_SHARE if tiled else working
+    if not tiled:
+        parts["decoded video on the device"] = count * height * width * 3 * (vae_itemsize + 3 * 4)
     return parts
 
 

@@ -201,15 +201,19 @@ class FamilyStages(Protocol):
         """A user's start image (PIL, path, array, ComfyUI IMAGE) in the form the other image steps take."""
     def encode_image(self, processor: Any, encoder: nn.Module, image: Any, device: torch.device) -> torch.Tensor: ...
     def image_condition(
-        self, vae: nn.Module, image: Any, params: SamplingParams, space: LatentSpace, device: torch.device
-    ) -> torch.Tensor: ...
+        self, vae: nn.Module, image: Any, params: SamplingParams, space: LatentSpace, device: torch.device,
+        tiling: str = "off", available_bytes: int | None = None,
+    ) -> torch.Tensor:
+        """The start image's conditioning; ``tiling`` (auto/on/off) and the device's free bytes bound the VAE's
+        activation memory where the family can tile exactly."""
     def noise_predictor(
         self, dit: nn.Module, conditioning: Conditioning, device: torch.device, dtype: torch.dtype
     ) -> BranchPredictor: ...
     def dit_for_step(self, source: ModelSource, dits: tuple[str, ...], timestep: float, num_train_timesteps: int) -> str:
         """The denoising loop's choice of DiT for the step at ``timestep`` (one DiT: always it)."""
-    def decode(self, vae: nn.Module, latents: torch.Tensor, space: LatentSpace, device: torch.device) -> torch.Tensor:
-        """Normalised latents -> frames ``[F, H, W, 3]`` float32 in 0..1."""
+    def decode(self, vae: nn.Module, latents: torch.Tensor, space: LatentSpace, device: torch.device,
+               tiling: str = "off", available_bytes: int | None = None) -> torch.Tensor:
+        """Normalised latents -> frames ``[F, H, W, 3]`` float32 in 0..1 (``tiling`` as for ``image_condition``)."""
     def sequence_parallel_heads(self, dit_config: dict) -> int | None:
         """Attention heads that Ulysses splits over GPUs; None if the DiT does not support sequence parallelism."""
     def tokenwise_modules(self, dit: nn.Module) -> list[nn.Module]:

@@ -99,7 +99,8 @@ def job_memory(manager: OffloadManager, model: LoadedModel, config: OffloadConfi
     vae = _name(model, Role.VAE)
     if vae is not None:
         vae_dtype = model.dtypes.get(vae, torch.float32)
-        device["VAE decode"] = decode_parts(memory_model, frames, placed_bytes(model, vae), vae_dtype.itemsize)
+        device["VAE decode"] = decode_parts(memory_model, frames, placed_bytes(model, vae), vae_dtype.itemsize,
+                                            tiled=config.vae_tiling != "off")
     return MemoryEstimate(host=host_parts(shape, frames), device=device)
 
 
@@ -109,7 +110,7 @@ def check_job_memory(manager: OffloadManager, model: LoadedModel, config: Offloa
     check_fits(job_memory(manager, model, config, params), what, manager.device)
 
 
-def check_decode_memory(manager: OffloadManager, model: LoadedModel, latents: torch.Tensor) -> None:
+def check_decode_memory(manager: OffloadManager, model: LoadedModel, latents: torch.Tensor, tiled: bool = False) -> None:
     """The decode part of :func:`check_job_memory`, for latents that come from elsewhere (a LATENT input)."""
     space = latent_space(model)
     frames = frame_shape(tuple(latents.shape), space.temporal_factor, space.spatial_factor)
@@ -117,7 +118,8 @@ def check_decode_memory(manager: OffloadManager, model: LoadedModel, latents: to
     vae_dtype = model.dtypes.get(vae, torch.float32)
     estimate = MemoryEstimate(
         host=host_parts(None, frames),
-        device={"VAE decode": decode_parts(_memory_model(model), frames, placed_bytes(model, vae), vae_dtype.itemsize)},
+        device={"VAE decode": decode_parts(_memory_model(model), frames, placed_bytes(model, vae), vae_dtype.itemsize,
+                                           tiled)},
     )
     check_fits(estimate, f"a latent of shape {tuple(latents.shape)}", manager.device)
 
@@ -286,7 +288,8 @@ def _with_image_condition(manager, model: LoadedModel, config, conditioning: Con
     if conditioning.image is None or conditioning.image_condition is not None:
         return conditioning
     with manager.in_use(model, _name(model, Role.VAE), config) as (vae, device):
-        condition = model.spec.stages.image_condition(vae, conditioning.image, params, latent_space(model), device)
+        condition = model.spec.stages.image_condition(vae, conditioning.image, params, latent_space(model), device,
+                                                      config.vae_tiling, manager.available_bytes())
     return dataclasses.replace(conditioning, image_condition=condition)
 
 
@@ -303,11 +306,12 @@ def decode_video(manager: OffloadManager, model: LoadedModel, config: OffloadCon
     Decode lays out a batch of video latents), never only the first."""
     latents = check_latents(model, latents)
     space = latent_space(model)
-    check_decode_memory(manager, model, latents)
+    check_decode_memory(manager, model, latents, tiled=config.vae_tiling != "off")
 
     def decode(config: OffloadConfig) -> torch.Tensor:
         with manager.in_use(model, _name(model, Role.VAE), config) as (vae, device):
-            videos = [model.spec.stages.decode(vae, latents[i:i + 1], space, device) for i in range(latents.shape[0])]
+            videos = [model.spec.stages.decode(vae, latents[i:i + 1], space, device, config.vae_tiling,
+                                               manager.available_bytes()) for i in range(latents.shape[0])]
         return videos[0] if len(videos) == 1 else torch.cat(videos)
 
     return _with_auto_offload(manager, model, config, decode)

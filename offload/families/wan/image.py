@@ -109,18 +109,28 @@ def encode_image_embeds(image_processor: Any, image_encoder: torch.nn.Module, im
 
 @torch.no_grad()
 def image_condition_latents(
-    vae: torch.nn.Module, image, params: SamplingParams, space: LatentSpace, device: torch.device
+    vae: torch.nn.Module, image, params: SamplingParams, space: LatentSpace, device: torch.device,
+    tiling: str = "off", available_bytes: int | None = None,
 ) -> torch.Tensor:
-    """``[1, t + channels, T, h, w]`` float32: the first-frame mask and the normalised VAE latents of the image video."""
+    """``[1, t + channels, T, h, w]`` float32: the first-frame mask and the normalised VAE latents of the image video.
+    With ``tiling`` the video (the image, then zeros) stays in host memory and is encoded in exact spatial tiles."""
     from diffusers.video_processor import VideoProcessor
+
+    from .tiling_policy import encode_grid
 
     height, width, num_frames = params.height, params.width, params.num_frames
     temporal, spatial = space.temporal_factor, space.spatial_factor
     pixels = VideoProcessor(vae_scale_factor=spatial).preprocess(image, height=height, width=width)
-    pixels = pixels.to(device, dtype=torch.float32).unsqueeze(2)
+    pixels = pixels.to(dtype=torch.float32).unsqueeze(2)
     video = torch.cat([pixels, pixels.new_zeros(1, pixels.shape[1], num_frames - 1, height, width)], dim=2)
     dtype = next(vae.parameters()).dtype
-    latent = vae.encode(video.to(dtype)).latent_dist.mode().to(torch.float32)
+    grid = encode_grid(vae, tuple(video.shape), tiling, available_bytes)
+    if grid is None:
+        latent = vae.encode(video.to(device, dtype)).latent_dist.mode().to(torch.float32)
+    else:
+        from .vae_tiling import encode_tiled
+
+        latent = encode_tiled(vae, video.to(dtype), grid, device=device).mode().to(torch.float32)
     latent = space.from_raw(latent)
 
     latent_h, latent_w = height // spatial, width // spatial

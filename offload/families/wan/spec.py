@@ -82,10 +82,11 @@ class WanStages:
 
         return encode_image_embeds(processor, encoder, image, device).cpu()
 
-    def image_condition(self, vae: nn.Module, image: Any, params: SamplingParams, space: LatentSpace, device: torch.device) -> torch.Tensor:
+    def image_condition(self, vae: nn.Module, image: Any, params: SamplingParams, space: LatentSpace, device: torch.device,
+                        tiling: str = "off", available_bytes: int | None = None) -> torch.Tensor:
         from .image import image_condition_latents
 
-        return image_condition_latents(vae, image, params, space, device)
+        return image_condition_latents(vae, image, params, space, device, tiling, available_bytes)
 
     def noise_predictor(self, dit: nn.Module, conditioning: Conditioning, device: torch.device, dtype: torch.dtype):
         from .predictor import WanNoisePredictor
@@ -95,10 +96,11 @@ class WanStages:
     def dit_for_step(self, source: ModelSource, dits: tuple[str, ...], timestep: float, num_train_timesteps: int) -> str:
         return dits[0]
 
-    def decode(self, vae: nn.Module, latents: torch.Tensor, space: LatentSpace, device: torch.device) -> torch.Tensor:
+    def decode(self, vae: nn.Module, latents: torch.Tensor, space: LatentSpace, device: torch.device,
+               tiling: str = "off", available_bytes: int | None = None) -> torch.Tensor:
         from .decode import decode_latents
 
-        return decode_latents(vae, latents, space, device)
+        return decode_latents(vae, latents, space, device, tiling, available_bytes)
 
     def sequence_parallel_heads(self, dit_config: dict) -> int | None:
         return int(dit_config.get("num_attention_heads", 40))

@@ -1,0 +1,111 @@
+"""Benchmark the exact tiled Wan VAE (``vae_tiling``) against diffusers' untiled decode and encode, on a GPU.
+
+The real-size Wan2.1 VAE with random weights, fp32 (the pack's default VAE precision). Per size: diffusers' untiled
+``vae.decode`` (peak, time), then the tiled decode at the grid the pack's policy picks for the issue-10 budget
+(2.5 GiB at 480p81, 4 GiB at 720p81, weights included) and at the neighbouring grids, video assembled in host
+memory; and the image-to-video start-frame encode (the image, then 80 zero frames) untiled and tiled. One JSON row
+per run: peak ``max_memory_allocated`` (weights included), the time of one run after a warm-up, the ratio to the
+untiled pass, the max abs difference of the frames in 0..1 (decode) or of the latent mode (encode).
+
+    python bench/vae.py                 # 480p81 and 720p81 (about 2 minutes on an H200)
+    python bench/vae.py --tiny          # seconds, on the CPU: the same code on a tiny VAE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from video_offload.offload.families.wan import vae_tiling as tv  # noqa: E402
+from video_offload.offload.families.wan.shapes import WAN_VAE  # noqa: E402
+from video_offload.offload.families.wan.tiling_policy import GPU_ALLOWANCE, decode_grid, encode_grid  # noqa: E402
+
+GiB = 2**30
+SIZES = {"480p81": ((1, 16, 21, 60, 104), 2.5), "720p81": ((1, 16, 21, 90, 160), 4.0)}
+"""latent shape, issue 10's decode peak target in GiB"""
+TINY = dict(WAN_VAE, base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+
+
+def emit(row: dict, out_path: str | None) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out_path:
+        with open(out_path, "a") as handle:
+            handle.write(line + "\n")
+
+
+def measure(fn, device):
+    fn()  # warm-up: cuDNN heuristics, the allocator
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return out, time.perf_counter() - started, peak
+
+
+@torch.no_grad()
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=None, help="also append rows here (default: $OUT/vae.jsonl)")
+    args = parser.parse_args()
+    from diffusers import AutoencoderKLWan
+
+    out_path = args.out or (os.path.join(os.environ["OUT"], "vae.jsonl") if os.environ.get("OUT") else None)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**(TINY if args.tiny else WAN_VAE)).eval().to(device)
+    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+    emit(dict(bench="vae", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              torch=torch.__version__, tf32_convs=torch.backends.cudnn.allow_tf32, vae_weight_gib=weights / GiB),
+         out_path)
+    for name in args.sizes:
+        shape, target = SIZES[name]
+        if args.tiny:
+            shape = (1, 16, 3, 12, 20)
+        z = torch.randn(shape, device=device)
+        reference, t_ref, p_ref = measure(lambda: vae.decode(z).sample.cpu(), device)
+        emit(dict(size=name, stage="decode", mode="untiled", peak_gib=round(p_ref / GiB, 3), seconds=round(t_ref, 3)),
+             out_path)
+        available = int(target * GiB) - weights  # the weights are on the device already, as in the pipeline
+        chosen = decode_grid(vae, shape, "auto", available) or (1, 1)
+        grids = [chosen] + [g for g in ((1, 2), (1, 3), (2, 2)) if g != chosen][: 0 if args.tiny else 1]
+        for grid in grids:
+            out, t, p = measure(lambda: tv.decode_tiled(vae, z, grid, output_device="cpu", store_device="cpu"), device)
+            emit(dict(size=name, stage="decode", mode="tiled", grid=list(grid), policy_choice=grid == chosen,
+                      budget_gib=target, allowance=GPU_ALLOWANCE, peak_gib=round(p / GiB, 3),
+                      peak_within_target=p <= target * GiB, seconds=round(t, 3), time_ratio=round(t / t_ref, 4),
+                      time_within_1_10=t / t_ref <= 1.10,
+                      max_abs_diff_0_1=float(((out.float() - reference.float()) * 0.5).abs().max())), out_path)
+            del out
+        del reference
+        if name == "480p81":  # the image-to-video start-frame encode: the image, then zeros
+            frames = (shape[2] - 1) * 4 + 1
+            video = torch.zeros(1, 3, frames, shape[3] * 8, shape[4] * 8)
+            video[:, :, 0] = torch.rand(3, shape[3] * 8, shape[4] * 8) * 2 - 1
+            ref_e, t_e, p_e = measure(lambda: vae.encode(video.to(device)).latent_dist.mode().cpu(), device)
+            emit(dict(size=name, stage="encode", mode="untiled", peak_gib=round(p_e / GiB, 3), seconds=round(t_e, 3)),
+                 out_path)
+            grid = encode_grid(vae, tuple(video.shape), "auto", available) or (1, 2)
+            out, t, p = measure(lambda: tv.encode_tiled(vae, video, grid, device=device).mode().cpu(), device)
+            emit(dict(size=name, stage="encode", mode="tiled", grid=list(grid), peak_gib=round(p / GiB, 3),
+                      seconds=round(t, 3), time_ratio=round(t / t_e, 4),
+                      max_abs_diff=float((out - ref_e).abs().max())), out_path)
+        z = None  # noqa: F841 - free the latents before the next size
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
