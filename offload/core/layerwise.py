@@ -246,6 +246,7 @@ class LayerwiseOffloader:
                     [self.staged.resting_views(flat) for flat in self._host_flat] if self.staged else self._host_views
                 )
                 self._fill_host_copies(refs, weights, formats)
+                self._fill_host_modules(weights)
                 # Identities after rebinding, which replaces meta tensors with new objects.
                 block_ids = {id(ref.get()) for block_refs in refs for ref in block_refs}
                 block_ids |= {id(ref.get()) for m in self._host_modules for ref in tensor_refs(m, unique=False)}
@@ -343,6 +344,22 @@ class LayerwiseOffloader:
             # at one model plus one block, not two models.
             for ref, view in zip(block_refs, self._resting_views[i]):
                 ref.rebind(view)
+
+    def _fill_host_modules(self, weights: WeightSource | None) -> None:
+        """Host modules of a model built on the meta device get host memory filled from ``weights`` (widened, if
+        stored narrow: they compute on the CPU); those of an adopted model keep their tensors."""
+        for module in self._host_modules:
+            groups: dict[int, list[TensorRef]] = {}
+            for ref in tensor_refs(module, unique=False):
+                groups.setdefault(id(ref.get()), []).append(ref)
+            for group in groups.values():
+                current = group[0].get()
+                if current.is_meta and weights is not None:
+                    dest = torch.empty(current.shape, dtype=current.dtype)
+                    prefix = next(n for n, m in self.model.named_modules() if m is module)
+                    weights(f"{prefix}.{group[0].name}", current, dest)
+                    for ref in group:
+                        ref.rebind(dest)
 
     def _abandon(self) -> None:
         """Undo a construction that failed half-way: no hook, nothing on the GPU, nothing pinned. Blocks already

@@ -111,7 +111,9 @@ def build_empty_model(model_cls: type, config: dict, dtype: torch.dtype | None, 
 
     Uses the same two context managers as diffusers' ``from_pretrained`` (``no_init_weights`` and accelerate's
     ``init_empty_weights``), so a non-persistent buffer such as Wan's rope table is bit-identical to the one a
-    ``from_pretrained`` model has. Costs no host memory for the weights.
+    ``from_pretrained`` model has. Costs no host memory for the weights. Diffusers classes are built with
+    ``from_config(config)``; transformers classes from their ``config_class(**config)``, with shared weights tied
+    (UMT5's embedding) as their ``from_pretrained`` ties them.
     """
     try:
         from accelerate import init_empty_weights
@@ -125,10 +127,46 @@ def build_empty_model(model_cls: type, config: dict, dtype: torch.dtype | None, 
     if dtype is not None and not dtype.is_floating_point:
         raise ModelLoadError(f"dtype={dtype}: a model can only be loaded in a floating dtype such as torch.bfloat16")
     with _default_dtype(dtype), no_init_weights(), init_empty_weights(include_buffers=False):
-        model = model_cls.from_config(config)
+        if hasattr(model_cls, "from_config"):
+            model = model_cls.from_config(config)
+        else:
+            model = model_cls(model_cls.config_class(**config))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     if name_or_path and hasattr(model, "register_to_config"):
         model.register_to_config(_name_or_path=name_or_path)
     return model.eval()
+
+
+def keep_in_fp32_modules(model_cls: type, dtype: torch.dtype | None) -> list[str]:
+    """The modules ``model_cls.from_pretrained(dtype=dtype)`` keeps in float32. diffusers keeps
+    ``_keep_in_fp32_modules`` for any dtype; transformers only when loading float16 (its
+    ``_keep_in_fp32_modules_strict`` for float16 and bfloat16)."""
+    if hasattr(model_cls, "_keep_in_fp32_modules_strict"):  # a transformers model
+        keep = list(model_cls._keep_in_fp32_modules or []) if dtype == torch.float16 else []
+        if dtype in (torch.float16, torch.bfloat16):
+            keep += list(model_cls._keep_in_fp32_modules_strict or [])
+        return keep
+    return list(getattr(model_cls, "_keep_in_fp32_modules", None) or [])
+
+
+def load_whole(model: nn.Module, weights: SafetensorsWeights) -> nn.Module:
+    """Give every meta tensor of ``model`` (after ``weights.apply_dtypes``) host memory filled from ``weights``: the
+    whole module in host memory, narrow tensors widened. Reads concurrently; returns the module (eval, no grad)."""
+    groups: dict[int, list] = {}
+    for ref in tensor_refs(model, unique=False):  # a tied tensor under every name it has, filled once
+        groups.setdefault(id(ref.get()), []).append(ref)
+    items = []
+    for refs in groups.values():
+        tensor = refs[0].get()
+        if tensor.is_meta:
+            dest = torch.empty(tensor.shape, dtype=tensor.dtype)
+            items.append((refs[0].name, tensor, dest))
+            registered = refs[0].rebind(dest)
+            for ref in refs[1:]:  # the same object under every name, as the tie had it
+                (ref.owner._parameters if ref.is_param else ref.owner._buffers)[ref.attr] = registered
+    weights.fill_many(items)
+    return model.eval().requires_grad_(False)
 
 
 def read_model_config(model_cls: type, folder: Path) -> dict:
