@@ -106,17 +106,18 @@ def resident_widened(transformer_dir, path, dtype):
     return model
 
 
-def streamed(transformer_dir, path, dtype, **options):
+def streamed(transformer_dir, path, dtype, device="cpu", pin=False, **options):
     with open_weights(path, dtype) as weights:
         model = empty_model(transformer_dir, weights, dtype)
         _, blocks = find_block_list(model)
-        return LayerwiseOffloader(model, blocks, "cpu", pin_cpu_memory=False, weights=weights, **options)
+        return LayerwiseOffloader(model, blocks, device, pin_cpu_memory=pin, weights=weights, **options)
 
 
-def forward(model, inputs, dtype):
+def forward(model, inputs, dtype, device="cpu"):
     x, t, text = inputs
     with torch.inference_mode():
-        return model(x.to(dtype), t, text.to(dtype), return_dict=False)[0]
+        out = model(x.to(device, dtype), t.to(device), text.to(device, dtype), return_dict=False)[0]
+    return out.cpu()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -222,3 +223,21 @@ def test_pinned_prefix_is_whole_blocks_within_the_budget(transformer_dir, fp8_fi
 
     arena = HostArena(4 * block, pin=False, pin_bytes=int(2.5 * block))
     assert arena.pinned_bytes == 0 and not arena.pinned  # nothing pins without CUDA, whatever the budget
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("resident, depth", [(0, 1), (0, 2), (2, 1), ("auto", 1)])
+def test_gpu_fp8_streaming_equals_resident_widened_bit_for_bit(transformer_dir, fp8_file, inputs, resident, depth):
+    """On CUDA: copies of fp8 bytes on the copy stream, widening on the copy stream, compute on the default stream,
+    all ordered by events - the output is the resident widened model's, bit for bit, forward after forward."""
+    dtype = torch.bfloat16
+    reference = forward(resident_widened(transformer_dir, fp8_file, dtype).cuda(), inputs, dtype, "cuda")
+    off = streamed(transformer_dir, fp8_file, dtype, device="cuda", pin=True, resident_blocks=resident,
+                   prefetch_depth=depth)
+    try:
+        for _ in range(3):
+            assert bit_equal(forward(off.model, inputs, dtype, "cuda"), reference)
+        stats = off.stats()
+        assert stats.stored_narrow and stats.pinned_bytes == stats.host_bytes
+    finally:
+        off.close()
