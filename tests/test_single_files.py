@@ -256,13 +256,26 @@ def test_bf16_files_stream_like_folders(files):
     assert generator.manager.offloader(generator.model, "text_encoder") is None  # loaded whole, as from a folder
 
 
-def test_resident_and_gpu_text_encoder_paths_widen_once(files, references):
+def test_resident_and_device_text_encoder_paths_widen_once(files, references):
     """Without layerwise offload and without text-encoder CPU offload, fp8 files are widened at placement."""
     expected = frames(generator_for(references[("t2v", "fp8_scaled")]))
     options = dict(dit_layerwise_offload=False, text_encoder_cpu_offload=False)
     generator = generator_for(files[("t2v", "fp8_scaled")], **options)
     assert np.array_equal(frames(generator), expected)
     assert generator.manager.offloader(generator.model, "transformer") is None
+    assert generator.manager.offloader(generator.model, "text_encoder") is None
+
+
+def test_fp8_text_encoder_streamed_through_the_device_stays_fp8(files, references):
+    """text_encoder_layerwise_offload: the fp8 text encoder streams from its stored form, its embedding (a host
+    module) widened once in host memory; same frames."""
+    expected = frames(generator_for(references[("t2v", "fp8_scaled")]))
+    generator = generator_for(files[("t2v", "fp8_scaled")], text_encoder_cpu_offload=False,
+                              text_encoder_layerwise_offload=True)
+    assert np.array_equal(frames(generator), expected)
+    text = generator.manager.offloader(generator.model, "text_encoder")
+    assert text.stats().stored_narrow and text.model.shared.weight.device.type == "cpu"
+    assert text.model.encoder.embed_tokens.weight is text.model.shared.weight
 
 
 def test_a_mix_of_single_files_and_a_diffusers_folder(folders, files, references):

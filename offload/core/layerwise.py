@@ -347,19 +347,24 @@ class LayerwiseOffloader:
 
     def _fill_host_modules(self, weights: WeightSource | None) -> None:
         """Host modules of a model built on the meta device get host memory filled from ``weights`` (widened, if
-        stored narrow: they compute on the CPU); those of an adopted model keep their tensors."""
+        stored narrow: they compute on the CPU); those of an adopted model keep their tensors. A tensor shared by
+        several (tied embeddings) is filled once, under its first name, and stays shared."""
+        if weights is None:
+            return
+        names = {id(m): n for n, m in self.model.named_modules()}
+        groups: dict[int, list[tuple[str, TensorRef]]] = {}
         for module in self._host_modules:
-            groups: dict[int, list[TensorRef]] = {}
             for ref in tensor_refs(module, unique=False):
-                groups.setdefault(id(ref.get()), []).append(ref)
-            for group in groups.values():
-                current = group[0].get()
-                if current.is_meta and weights is not None:
-                    dest = torch.empty(current.shape, dtype=current.dtype)
-                    prefix = next(n for n, m in self.model.named_modules() if m is module)
-                    weights(f"{prefix}.{group[0].name}", current, dest)
-                    for ref in group:
-                        ref.rebind(dest)
+                groups.setdefault(id(ref.get()), []).append((f"{names[id(module)]}.{ref.name}", ref))
+        for group in groups.values():
+            name, first = group[0]
+            current = first.get()
+            if current.is_meta:
+                dest = torch.empty(current.shape, dtype=current.dtype)
+                weights(name, current, dest)
+                registered = first.rebind(dest)
+                for _, ref in group[1:]:
+                    (ref.owner._parameters if ref.is_param else ref.owner._buffers)[ref.attr] = registered
 
     def _abandon(self) -> None:
         """Undo a construction that failed half-way: no hook, nothing on the GPU, nothing pinned. Blocks already
