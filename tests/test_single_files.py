@@ -6,8 +6,6 @@ Wrong files fail with the file named and what was expected; fp8 weights sit in h
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import shutil
 from pathlib import Path
 
@@ -20,104 +18,30 @@ from safetensors.torch import load_file, save_file
 from video_offload import VideoGenerator
 from video_offload.offload import ModelLoadError, OffloadManager
 from video_offload.offload.families import open_files
-from video_offload.offload.families.wan.comfy_export import (
-    KEY_LAYOUTS,
-    export_component,
-    export_single_files,
-    write_safetensors,
-)
-from video_offload.offload.families.wan.text import tokenizer_from_sentencepiece
-from video_offload.offload.families.wan.tiny import SINGLE_FILE_TINY, build_tiny_wan
+from single_file_helpers import LAYOUTS, comfyui_dequantize
+from video_offload.offload.families.wan.comfy_export import KEY_LAYOUTS, export_component, write_safetensors
 from video_offload.offload.weights.diffusers_folder import DiffusersFolder
 
 spm = pytest.importorskip("sentencepiece")
 
 FP8 = torch.float8_e4m3fn
-LAYOUTS = ("bf16", "fp16", "fp8_e4m3fn", "fp8_scaled")
 SIZES = dict(height=64, width=64, num_frames=9, num_inference_steps=3, guidance_scale=4.0, seed=7)
 PROMPT, NEGATIVE = "A curious raccoon peers through a field of sunflowers.", "blurred, static"
-FOLDER_NAMES = {"dit": "transformer", "text_encoder": "text_encoder", "vae": "vae", "image_encoder": "image_encoder"}
-TEXT = """A curious raccoon peers through a vibrant field of yellow sunflowers.
-A majestic lion strides across the golden savanna at dawn.
-Bright tones, overexposed, static, blurred details, subtitles, worst quality, low quality.
-The cat and the dog play with light in the video of a field, 1 2 3!"""
-
-
-def comfyui_dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """ComfyUI 0.3.64 (comfy/ops.py, scaled_fp8_op): cast_bias_weight casts the stored weight to the compute dtype,
-    then ``weight * scale_weight.to(weight.dtype)``; without the ``scaled_fp8`` marker there is no scale."""
-    weight = weight.to(dtype)
-    return weight if scale is None else weight * scale.to(dtype)
-
-
-# ------------------------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module")
-def spiece_model() -> bytes:
-    """A tiny SentencePiece model, trained here in milliseconds (what ComfyUI stores as ``spiece_model``)."""
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TEXT.splitlines() * 20), model_writer=buffer, vocab_size=90, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2, hard_vocab_limit=False,
-    )
-    return buffer.getvalue()
+def folders(single_file_folders):
+    return single_file_folders
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, spiece_model):
-    """Tiny T2V and I2V Diffusers folders shaped like the real models where single files cannot say otherwise."""
-    root = tmp_path_factory.mktemp("single_files")
-    tokenizer = tokenizer_from_sentencepiece(spiece_model)
-    return {
-        kind: build_tiny_wan(root / f"tiny-{kind}", seed=11, tokenizer=tokenizer,
-                             spec=dataclasses.replace(SINGLE_FILE_TINY, image_to_video=kind == "i2v"))
-        for kind in ("t2v", "i2v")
-    }
+def files(single_files):
+    return single_files
 
 
 @pytest.fixture(scope="module")
-def files(folders, tmp_path_factory, spiece_model):
-    """Single files per (kind, layout); the bf16 DiT carries ComfyUI's ``model.diffusion_model.`` prefix."""
-    root = tmp_path_factory.mktemp("comfy_files")
-    return {
-        (kind, layout): export_single_files(
-            folder, root / kind / layout, layout, spiece_model=spiece_model,
-            dit_prefix="model.diffusion_model." if layout == "bf16" else "",
-        )
-        for kind, folder in folders.items()
-        for layout in LAYOUTS
-    }
-
-
-def reference_folder(folder: Path, paths: dict[str, Path], target: Path) -> Path:
-    """A copy of ``folder`` whose weights are the numbers the single files hold, widened to float32 the way ComfyUI
-    widens them: each tensor read from its file under its original key (``comfy_export``'s layout, written
-    independently of the loader's diffusers conversion) and dequantised with ComfyUI's rule."""
-    shutil.copytree(folder, target)
-    for argument, path in paths.items():
-        component = FOLDER_NAMES[argument]
-        weights_file = next((target / component).glob("*.safetensors"))
-        names = load_file(str(weights_file))
-        with safe_open(str(path), "pt") as handle:
-            keys = set(handle.keys())
-            prefix = "model.diffusion_model." if "model.diffusion_model.patch_embedding.weight" in keys else ""
-            scaled = "scaled_fp8" in keys
-            rebuilt = {}
-            for name in names:
-                key = prefix + KEY_LAYOUTS[component]("shared.weight" if name == "encoder.embed_tokens.weight" else name)
-                stored = handle.get_tensor(key)
-                scale_key = key[: -len("weight")] + "scale_weight"
-                scale = handle.get_tensor(scale_key) if scaled and scale_key in keys else None
-                rebuilt[name] = comfyui_dequantize(stored, scale, torch.float32).contiguous()
-        save_file(rebuilt, str(weights_file), metadata={"format": "pt"})
-    return target
-
-
-@pytest.fixture(scope="module")
-def references(folders, files, tmp_path_factory):
-    root = tmp_path_factory.mktemp("references")
-    return {key: reference_folder(folders[key[0]], paths, root / f"{key[0]}-{key[1]}") for key, paths in files.items()}
+def references(single_file_references):
+    return single_file_references
 
 
 def frames(generator: VideoGenerator, image=None) -> np.ndarray:
