@@ -102,6 +102,23 @@ class FilePart:
     def used_entries(self) -> list[TensorEntry]:
         return [self.entries[key] for key in set(self.layout.keys.values()) if key in self.entries]
 
+    def weights(self, model_cls: type, dtype: torch.dtype | None) -> SafetensorsWeights:
+        """The file's tensors under the model's names, cast by ``from_pretrained``'s rules, fp8 widened by
+        ComfyUI's (or kept as stored, for a layerwise offloader that asks)."""
+        return SafetensorsWeights(
+            [self.path], dtype, keep_in_fp32_modules(model_cls, dtype), key_for=self.key_for,
+            describe=str(self.path), scale_key_for=self.scale_key_for,
+        )
+
+    def empty_model(self, model_cls: type, dtype: torch.dtype | None) -> nn.Module:
+        return build_empty_model(model_cls, dict(self.layout.config), dtype, str(self.path))
+
+    @classmethod
+    def open(cls, path: Any, fmt: Any, argument: str) -> FilePart:
+        """One file read through one format (its header and the format's recognition; no weights)."""
+        file, entries = read_single_file(path, argument)
+        return cls(file, entries, recognise(file, entries, fmt, argument))
+
 
 @dataclass(frozen=True)
 class FolderPart:
@@ -232,12 +249,11 @@ class SingleFiles:
                 f"{argument}={str(path)!r}: {spec.name} models read their {component.role.value} from a Diffusers folder "
                 f"only. Fix: pass {folder_hint_for(component.name)}."
             )
-        file, entries = read_single_file(path, argument)
-        layout = recognise(file, entries, declaration, argument)
-        if layout.class_name not in component.classes:
-            raise ModelLoadError(f"{file}: recognised as {layout.class_name}, which {component.name} may not be.")
-        logger.info("%s: %s (%s)", file.name, layout.kind, describe_dtypes(entries, layout))
-        return FilePart(file, entries, layout), str(file.resolve())
+        part = FilePart.open(path, declaration, argument)
+        if part.layout.class_name not in component.classes:
+            raise ModelLoadError(f"{part.path}: recognised as {part.layout.class_name}, which {component.name} may not be.")
+        logger.info("%s: %s (%s)", part.path.name, part.layout.kind, describe_dtypes(part.entries, part.layout))
+        return part, str(part.path.resolve())
 
     def _check_files(self) -> None:
         """Every tensor each file's model needs is in the file with its shape (on the meta device: no memory)."""
@@ -317,16 +333,13 @@ class SingleFiles:
             return part.folder.weights(component, dtype)
         if not isinstance(part, FilePart):
             raise ModelLoadError(f"'{component.name}' has no weights")
-        return SafetensorsWeights(
-            [part.path], dtype, keep_in_fp32_modules(self._class(component), dtype), key_for=part.key_for,
-            describe=str(part.path), scale_key_for=part.scale_key_for,
-        )
+        return part.weights(self._class(component), dtype)
 
     def empty_model(self, component: ComponentSpec, dtype: torch.dtype | None) -> nn.Module:
         part = self._part(component.name)
         if isinstance(part, FolderPart):
             return part.folder.empty_model(component, dtype)
-        return build_empty_model(self._class(component), dict(part.layout.config), dtype, str(part.path))
+        return part.empty_model(self._class(component), dtype)
 
     def load(self, component: ComponentSpec, dtype: torch.dtype | None) -> Any:
         """The whole component in host memory (narrow weights widened), a tokenizer, a processor, or for the

@@ -233,3 +233,25 @@ def export_single_files(folder: str | Path, out_dir: str | Path, layout: str, *,
             spiece_model=spiece_model if component == "text_encoder" else None,
         )
     return paths
+
+
+def export_transformer_folder(folder: str | Path, path: str | Path, layout: str, *, prefix: str = "") -> Path:
+    """A Diffusers ``transformer/`` folder written as one Comfy-Org-style DiT file, tensor by tensor (a 14B model
+    never in memory: each tensor is read from its shard when its turn comes)."""
+    from diffusers import WanTransformer3DModel
+
+    from ...weights.safetensors_file import SafetensorsFile
+    from ...weights.tensor_source import folder_weight_files, read_model_config
+
+    folder = Path(folder)
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(read_model_config(WanTransformer3DModel, folder))
+    handles = [SafetensorsFile(f) for f in folder_weight_files(folder)]
+    try:
+        where = {key: handle for handle in handles for key in handle.entries}
+        named = [(name, where[name].entries[name].shape, lambda name=name: where[name].read(name))
+                 for name in model.state_dict() if name in where]
+        return write_safetensors(path, layout_items(named, dit_key, layout, linear_weight_names(model), prefix))
+    finally:
+        for handle in handles:
+            handle.close()
