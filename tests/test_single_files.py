@@ -371,3 +371,19 @@ def test_export_component_round_trips_through_the_loader(folders, tmp_path):
     loaded = source.load(spec.component("vae"), torch.float32)
     for name, value in vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value.to(torch.bfloat16).float()), name
+
+
+def test_fsdp_workers_reopen_single_files_and_widen_their_shards(files):
+    """Two CPU ranks (gloo) each read their rows of every fp8 weight from the file, widened with the same rule:
+    the frames are those of one process."""
+    paths = files[("t2v", "fp8_scaled")]
+    expected = frames(generator_for(paths))
+    generator = generator_for(paths, num_gpus=2, use_fsdp_inference=True, dit_layerwise_offload=False,
+                              dit_cpu_offload=False)
+    try:
+        got = frames(generator)
+        assert np.abs(got - expected).max() <= 1e-5
+        group = generator.model.resources.worker_group
+        assert group is not None and group.info["plan"].startswith("FSDP over 2 ranks")
+    finally:
+        generator.shutdown()
