@@ -107,41 +107,14 @@ def random_values(shape, seed: int, pool: torch.Tensor) -> torch.Tensor:
     return out.view(*shape) if shape else out.view(())
 
 
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    def varint(v: int) -> bytes:
-        out = bytearray()
-        while True:
-            out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
-            v >>= 7
-            if not v:
-                return bytes(out)
-    key = varint(number << 3 | wire)
-    return key + (varint(len(payload)) + payload if wire == 2 else payload)
-
-
-def spiece_model() -> bytes:
-    """A small SentencePiece model (unigram: letters, digits and a few words), written directly in its protobuf wire
-    format so that the device needs neither sentencepiece nor protobuf (the pack reads it with neither)."""
-    import string
-    import struct
-
-    words = "a the of and in on with lion strides across golden savanna blurry".split()
-    pieces = [("<pad>", 0.0, 3), ("</s>", 0.0, 3), ("<unk>", 0.0, 2), ("\u2581", -2.0, 1)]
-    pieces += [("\u2581" + w, -5.0, 1) for w in words]
-    pieces += [(c, -8.0, 1) for c in string.ascii_letters + string.digits + string.punctuation]
-    pieces += [("\u2581" + c, -9.0, 1) for c in string.ascii_lowercase]
-    pieces = list({p: (p, s, t) for p, s, t in reversed(pieces)}.values())[::-1]  # each piece once, first kept
-    proto = b"".join(
-        _field(1, 2, _field(1, 2, p.encode()) + _field(2, 5, struct.pack("<f", s)) + _field(3, 0, bytes([t])))
-        for p, s, t in pieces
-    )
-    proto += _field(2, 2, _field(3, 0, b"\x01") + _field(40, 0, b"\x02"))  # trainer_spec: unigram, unk id 2
-    proto += _field(3, 2, _field(1, 2, b"identity") + _field(3, 0, b"\x01") + _field(4, 0, b"\x01"))
-    return proto
-
-
 def write_files(workdir: Path, tiny: bool, i2v: bool) -> dict[str, Path]:
-    from video_offload.offload.families.wan.comfy_export import KEY_LAYOUTS, layout_items, linear_weight_names, write_safetensors
+    from video_offload.offload.families.wan.comfy_export import (
+        KEY_LAYOUTS,
+        layout_items,
+        linear_weight_names,
+        tiny_sentencepiece_model,
+        write_safetensors,
+    )
 
     workdir.mkdir(parents=True, exist_ok=True)
     pool = torch.randn(2**24 + 4099, generator=torch.Generator().manual_seed(0)) * 0.02
@@ -161,7 +134,7 @@ def write_files(workdir: Path, tiny: bool, i2v: bool) -> dict[str, Path]:
         items = layout_items(named, KEY_LAYOUTS[component], LAYOUT[argument], linear_weight_names(model)
                              if argument in ("dit", "text_encoder") else set())
         if argument == "text_encoder":
-            data = torch.frombuffer(bytearray(spiece_model()), dtype=torch.uint8)
+            data = torch.frombuffer(bytearray(tiny_sentencepiece_model()), dtype=torch.uint8)
             items.append(("spiece_model", tuple(data.shape), torch.uint8, lambda: data))
         write_safetensors(path, items)
         stamp.write_text(json.dumps(config))

@@ -345,3 +345,18 @@ def test_file_loaders_refuse_names_outside_their_folders_and_wrong_files(comfy_e
         text_encoder_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors")[0]
     with pytest.raises(ModelLoadError, match=r"wan_2\.1_vae\.safetensors is not a DiT this pack runs \(it is a Wan VAE"):
         comfy_env.mappings["VideoOffloadWanModel"]().assemble(dit, text, wrong, "auto", "float32")
+
+
+def test_the_tiny_comfyui_files_have_the_names_the_workflows_use():
+    """``python -m video_offload.offload.families.wan.comfy_export ComfyUI/models`` writes tiny files for a real
+    ComfyUI run of the shipped workflows: under exactly the names and folders those workflows pick."""
+    from video_offload.offload.families.wan.comfy_export import COMFY_FOLDERS, COMFY_ORG_NAMES
+
+    written = {(COMFY_FOLDERS[argument], name) for (argument, _), name in COMFY_ORG_NAMES.items()}
+    used = set()
+    for api_file in API_FILES:
+        for node in json.loads(api_file.read_text()).values():
+            if node["class_type"] in FILE_LOADERS:
+                widget, folder, _ = FILE_LOADERS[node["class_type"]]
+                used.add((folder, node["inputs"][widget]))
+    assert used and used == written

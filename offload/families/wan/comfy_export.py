@@ -255,3 +255,70 @@ def export_transformer_folder(folder: str | Path, path: str | Path, layout: str,
     finally:
         for handle in handles:
             handle.close()
+
+
+COMFY_ORG_NAMES = {
+    ("dit", "t2v"): "wan2.1_t2v_14B_fp8_scaled.safetensors",
+    ("dit", "i2v"): "wan2.1_i2v_480p_14B_fp8_scaled.safetensors",
+    ("text_encoder", "t2v"): "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+    ("vae", "t2v"): "wan_2.1_vae.safetensors",
+    ("image_encoder", "i2v"): "clip_vision_h.safetensors",
+}
+"""The file names the shipped workflows use, as Comfy-Org's repackaged Wan2.1 files are named."""
+COMFY_FOLDERS = {"dit": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae", "image_encoder": "clip_vision"}
+
+
+def tiny_sentencepiece_model() -> bytes:
+    """A small unigram vocabulary (letters, digits, a few words) as a sentencepiece ``.model``."""
+    import string
+
+    from ...weights.sentencepiece_model import write_sentencepiece_model
+
+    words = "a the of and in on with through field sunflower raccoon lion cat dog video light turns head".split()
+    pieces = [("<pad>", 0.0, 3), ("</s>", 0.0, 3), ("<unk>", 0.0, 2), ("\u2581", -2.0, 1)]
+    pieces += [("\u2581" + w, -5.0, 1) for w in words]
+    pieces += [(c, -8.0, 1) for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [("\u2581" + c, -9.0, 1) for c in string.ascii_lowercase]
+    unique = list({p: (p, s, t) for p, s, t in reversed(pieces)}.values())[::-1]  # each piece once, first kept
+    return write_sentencepiece_model(unique)
+
+
+def write_tiny_comfyui_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Tiny random Wan2.1 T2V and I2V models as the files the shipped workflows name, in a ComfyUI ``models`` folder
+    (``diffusion_models/``, ``text_encoders/``, ``vae/``, ``clip_vision/``), scaled fp8 where Comfy-Org's are, for
+    running the workflows in a real ComfyUI. The VAE is full-size (random weights): ComfyUI's own VAE Loader builds
+    the Wan2.1 VAE at its real width, so a LATENT of the pack can be decoded natively from the same file."""
+    import dataclasses
+    import tempfile
+
+    from .text import tokenizer_from_sentencepiece
+    from .tiny import SINGLE_FILE_TINY, build_tiny_wan
+
+    models_dir = Path(models_dir)
+    spiece = tiny_sentencepiece_model()
+    tokenizer = tokenizer_from_sentencepiece(spiece)
+    spec = dataclasses.replace(SINGLE_FILE_TINY, vae_base_dim=96)  # the real Wan2.1 VAE's width
+    written = {}
+    with tempfile.TemporaryDirectory() as work:
+        for kind in ("t2v", "i2v"):
+            folder = build_tiny_wan(Path(work) / kind, seed=seed, tokenizer=tokenizer,
+                                    spec=dataclasses.replace(spec, image_to_video=kind == "i2v"))
+            files = export_single_files(folder, Path(work) / f"{kind}-files", "fp8_scaled", spiece_model=spiece)
+            for argument, path in files.items():
+                name = COMFY_ORG_NAMES.get((argument, kind))
+                if name is None:
+                    continue
+                target = models_dir / COMFY_FOLDERS[argument] / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
+                written[name] = target
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m video_offload.offload.families.wan.comfy_export <ComfyUI/models>")
+    for name, path in write_tiny_comfyui_models(sys.argv[1]).items():
+        print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")
