@@ -260,8 +260,10 @@ class SingleFiles:
         for name, part in self.parts.items():
             if isinstance(part, FilePart):
                 component = self.spec.component(name)
+                model = self.empty_model(component, None)
                 with self.weights(component, None) as weights:
-                    weights.apply_dtypes(self.empty_model(component, None))
+                    weights.apply_dtypes(model)
+                self._configs[name] = full_config(model)
 
     # ------------------------------------------------------------------ ModelSource
 
@@ -306,10 +308,8 @@ class SingleFiles:
             return dict(part.declaration.config(self.config))
         if isinstance(part, EmbeddedPart):
             return {}
-        if component not in self._configs:  # the full config, defaults included, as the class records it
-            model = self.empty_model(self.spec.component(component), None)
-            config = model.config
-            self._configs[component] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        if component not in self._configs:
+            self._configs[component] = full_config(self.empty_model(self.spec.component(component), None))
         return dict(self._configs[component])
 
     def weight_bytes(self, component: str) -> int:
@@ -370,6 +370,12 @@ class SingleFiles:
                 f"{part.path}: the '{declaration.key}' tensor is not a valid {component.role.value} ({e}). "
                 f"Fix: {declaration.missing}."
             ) from e
+
+
+def full_config(model: nn.Module) -> dict:
+    """The config a model was built with, every default included, as its class records it."""
+    config = model.config
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
 def describe_dtypes(entries: Mapping[str, TensorEntry], layout: FileLayout) -> str:
