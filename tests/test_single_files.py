@@ -387,3 +387,13 @@ def test_fsdp_workers_reopen_single_files_and_widen_their_shards(files):
         assert group is not None and group.info["plan"].startswith("FSDP over 2 ranks")
     finally:
         generator.shutdown()
+
+
+def test_a_hostile_file_is_refused_by_the_config_bounds_before_anything_is_built(files, tmp_path):
+    """A single file's config comes from its tensors' shapes; the family's bounds apply to it as to a folder's
+    config.json, before a model is built from it (a key claiming block 1500 would otherwise build 1501 blocks)."""
+    paths = dict(files[("t2v", "bf16")])
+    hostile = rewrite(paths["dit"], tmp_path / "many_blocks.safetensors",
+                      extra={"model.diffusion_model.blocks.1500.ffn.0.weight": torch.zeros(1, dtype=torch.bfloat16)})
+    with pytest.raises(ModelLoadError, match=r"many_blocks\.safetensors: num_layers=1501 must be from 1 to 1000"):
+        open_files({**paths, "dit": hostile})

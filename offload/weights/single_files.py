@@ -20,6 +20,7 @@ minutes later from inside a load.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Mapping
@@ -235,6 +236,8 @@ class SingleFiles:
             elif not component.optional:
                 raise ModelLoadError(f"{spec.name} declares no single-file form for its '{component.name}' component.")
         source = cls(spec, parts, resolved)
+        if spec.check_configs is not None:
+            spec.check_configs(source)  # bounds, before anything is built from what the files' shapes say
         source._check_files()
         return source
 
@@ -260,10 +263,8 @@ class SingleFiles:
         for name, part in self.parts.items():
             if isinstance(part, FilePart):
                 component = self.spec.component(name)
-                model = self.empty_model(component, None)
                 with self.weights(component, None) as weights:
-                    weights.apply_dtypes(model)
-                self._configs[name] = full_config(model)
+                    weights.apply_dtypes(self.empty_model(component, None))
 
     # ------------------------------------------------------------------ ModelSource
 
@@ -309,8 +310,32 @@ class SingleFiles:
         if isinstance(part, EmbeddedPart):
             return {}
         if component not in self._configs:
-            self._configs[component] = full_config(self.empty_model(self.spec.component(component), None))
+            self._configs[component] = full_config(self._class(self.spec.component(component)), part.layout.config)
         return dict(self._configs[component])
+
+    def config_path(self, component: str) -> Any:
+        """Where a component's config comes from, for messages: its file (configs of single files are read from
+        their tensors' shapes), its folder's config file, or the family's default."""
+        part = self._part(component)
+        if isinstance(part, FolderPart):
+            return part.folder.config_path(component)
+        if isinstance(part, (FilePart, EmbeddedPart)):
+            return part.path
+        return f"{self.spec.name}'s default {component} config"
+
+    def tensor_entries(self, component: str) -> dict[str, TensorEntry]:
+        """The component's tensors as the headers describe them, under the model's names (what config checks and
+        memory estimates read; a tensor a layout maps under two spellings is listed once, under the shorter)."""
+        part = self._part(component)
+        if isinstance(part, FolderPart):
+            return part.folder.tensor_entries(component)
+        if not isinstance(part, FilePart):
+            return {}
+        by_key: dict[str, str] = {}
+        for name, key in part.layout.keys.items():
+            if key in part.entries and (key not in by_key or len(name) < len(by_key[key])):
+                by_key[key] = name
+        return {name: part.entries[key] for key, name in by_key.items()}
 
     def weight_bytes(self, component: str) -> int:
         part = self._part(component)
@@ -372,10 +397,15 @@ class SingleFiles:
             ) from e
 
 
-def full_config(model: nn.Module) -> dict:
-    """The config a model was built with, every default included, as its class records it."""
-    config = model.config
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+def full_config(model_cls: type, config: Mapping[str, Any]) -> dict:
+    """``config`` with every default of ``model_cls`` filled in, as the class would record it - without building
+    anything (config checks read it before any model is built). diffusers: the ``__init__`` signature's defaults;
+    transformers: the config class's ``to_dict``."""
+    if hasattr(model_cls, "from_config"):
+        params = inspect.signature(model_cls.__init__).parameters
+        defaults = {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
+        return {**defaults, **dict(config)}
+    return model_cls.config_class(**dict(config)).to_dict()
 
 
 def describe_dtypes(entries: Mapping[str, TensorEntry], layout: FileLayout) -> str:
