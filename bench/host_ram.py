@@ -63,7 +63,7 @@ def shapes(tiny: bool, i2v: bool) -> dict[str, tuple[type, dict]]:
 
     if tiny:
         dit = dict(WAN_DIT_COMMON, num_attention_heads=2, text_dim=32, ffn_dim=64, num_layers=4)
-        text = dict(UMT5_XXL, vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+        text = dict(UMT5_XXL, vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
         clip = dict(CLIP_VIT_H, hidden_size=80, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
                     image_size=32, patch_size=8, projection_dim=32)
         vae = dict(WAN_VAE, base_dim=4)
