@@ -1,10 +1,15 @@
 """ComfyUI nodes: thin wrappers that turn widget values into engine calls (V1 node API)."""
 
 from .generation import EncodePrompt, Sample
-from .loaders import LoadModel, OffloadSettings
+from .loaders import LoadDiT, LoadImageEncoder, LoadModel, LoadTextEncoder, LoadVAE, OffloadSettings, WanModelFromFiles
 from .video import DecodeVAE, SaveVideo
 
 NODE_CLASS_MAPPINGS = {
+    "VideoOffloadLoadDiT": LoadDiT,
+    "VideoOffloadLoadTextEncoder": LoadTextEncoder,
+    "VideoOffloadLoadVAE": LoadVAE,
+    "VideoOffloadLoadCLIPVision": LoadImageEncoder,
+    "VideoOffloadWanModel": WanModelFromFiles,
     "VideoOffloadLoadModel": LoadModel,
     "VideoOffloadSettings": OffloadSettings,
     "VideoOffloadEncodePrompt": EncodePrompt,
@@ -14,7 +19,12 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "VideoOffloadLoadModel": "Load Wan Model (Video Offload)",
+    "VideoOffloadLoadDiT": "Load Wan DiT (Video Offload)",
+    "VideoOffloadLoadTextEncoder": "Load Text Encoder (Video Offload)",
+    "VideoOffloadLoadVAE": "Load VAE (Video Offload)",
+    "VideoOffloadLoadCLIPVision": "Load CLIP Vision (Video Offload)",
+    "VideoOffloadWanModel": "Wan Model from Files (Video Offload)",
+    "VideoOffloadLoadModel": "Load Wan Diffusers Folder (Video Offload)",
     "VideoOffloadSettings": "Offload Settings (Video Offload)",
     "VideoOffloadEncodePrompt": "Encode Prompt (Video Offload)",
     "VideoOffloadSample": "Sample (Video Offload)",

@@ -6,11 +6,13 @@ ComfyUI. The engine in ``offload/`` never imports any of this.
 
 from __future__ import annotations
 
+import glob
 import threading
 from pathlib import Path
 
 from ..offload.errors import ModelLoadError
 from ..offload.core.manager import OffloadManager
+from ..offload.weights.diffusers_folder import hf_cache_snapshot
 
 try:  # ComfyUI's model folders
     import folder_paths
@@ -26,6 +28,21 @@ except ImportError:  # pragma: no cover - depends on the host
 
 MODEL_FOLDER_KEY = "diffusers"
 """ComfyUI's model folder for Diffusers-format models (``ComfyUI/models/diffusers``)."""
+
+FILE_FOLDER_KEYS = {
+    "dit": "diffusion_models",
+    "text_encoder": "text_encoders",
+    "vae": "vae",
+    "image_encoder": "clip_vision",
+}
+"""ComfyUI's model folder of each component's single files, as its own loaders use them (``diffusion_models``
+also covers the legacy ``models/unet``, ``text_encoders`` the legacy ``models/clip``: ComfyUI maps both)."""
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
+"""What the file lists offer (ComfyUI lists pickles too; this pack refuses them, so it does not offer them)."""
+
+DIFFUSERS_CHOICE = "[Diffusers folder] "
+"""Prefix of the entries of a component list that take the component from a Diffusers folder instead."""
 
 _manager_lock = threading.Lock()
 _manager: OffloadManager | None = None
@@ -75,8 +92,18 @@ def model_roots() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER_KEY)] if folder_paths else []
 
 
+def _hf_cache_repos(root: Path) -> list[Path]:
+    """Hugging Face cache folders (``models--Org--Name`` holding a snapshot) under ``root`` or ``root/hub``."""
+    found = []
+    for pattern in ("models--*--*", "hub/models--*--*"):
+        found += [p for p in sorted(root.glob(pattern)) if p.is_dir() and hf_cache_snapshot(p) != p]
+    return found
+
+
 def list_model_folders() -> list[str]:
-    """Subfolders of ComfyUI's diffusers folders that hold a ``model_index.json`` (relative names, sorted)."""
+    """Diffusers folders in ComfyUI's diffusers folders, by the names the workflows use: a folder directly inside
+    (``Wan2.1-T2V-1.3B-Diffusers``), one inside an organisation folder both as ``Wan-AI/<repo>`` and as ``<repo>``,
+    and a Hugging Face cache folder (``models--Wan-AI--<repo>/snapshots/<hash>``) as ``<repo>``."""
     names = set()
     for root in model_roots():
         if root.is_dir():
@@ -84,7 +111,21 @@ def list_model_folders() -> list[str]:
                 names.add(index.parent.name)
             for index in root.glob("*/*/model_index.json"):
                 names.add(index.parent.relative_to(root).as_posix())
+                names.add(index.parent.name)
+            for repo in _hf_cache_repos(root):
+                names.add(repo.name.split("--", 2)[2])
     return sorted(names)
+
+
+def _candidates(root: Path, relative: Path) -> list[Path]:
+    """Where a listed name may live under ``root``: as given, or (a bare repo name) inside an organisation folder
+    or a Hugging Face cache folder."""
+    found = [root / relative]
+    if len(relative.parts) == 1:
+        name = glob.escape(relative.name)
+        found += [p for p in sorted(root.glob(f"*/{name}")) if (p / "model_index.json").is_file()]
+        found += [p for p in _hf_cache_repos(root) if p.name.split("--", 2)[2] == relative.name]
+    return found
 
 
 def resolve_model_folder(name: str) -> Path:
@@ -104,8 +145,9 @@ def resolve_model_folder(name: str) -> Path:
             f"ComfyUI/models/diffusers/ and pick it by name."
         )
     for root in model_roots():
-        candidate = root / relative
-        if candidate.exists():
+        for candidate in _candidates(root, relative):
+            if not candidate.exists():
+                continue
             real_root = root.resolve()
             real = candidate.resolve()
             if real != real_root and real_root not in real.parents:
@@ -119,6 +161,42 @@ def resolve_model_folder(name: str) -> Path:
         f"model_name={name!r} was not found in ComfyUI's diffusers model folders ({roots}). Fix: download a "
         "Diffusers-format Wan2.1 folder there and refresh the node."
     )
+
+
+def list_component_files(argument: str) -> list[str]:
+    """The choices of a component loader: the safetensors files of its ComfyUI folder (relative names, as ComfyUI's
+    own loaders list them), then the Diffusers folders, for taking that component from one."""
+    names: list[str] = []
+    if folder_paths is not None:
+        try:
+            names = [n for n in folder_paths.get_filename_list(FILE_FOLDER_KEYS[argument])
+                     if n.lower().endswith(SINGLE_FILE_SUFFIXES)]
+        except KeyError:  # a ComfyUI without that folder key
+            names = []
+    return sorted(names) + [DIFFUSERS_CHOICE + name for name in list_model_folders()]
+
+
+def resolve_component(argument: str, widget: str, name: str) -> Path:
+    """The file ``name`` in ComfyUI's folder for this component (``folder_paths.get_full_path``, which keeps names
+    inside its folders), or a Diffusers folder picked from the same list. Outside ComfyUI, ``name`` is a path."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"{widget}={name!r} is empty. Fix: pick a file from the list.")
+    if not in_comfyui():
+        return Path(name)
+    if name.startswith(DIFFUSERS_CHOICE):
+        return resolve_model_folder(name[len(DIFFUSERS_CHOICE):])
+    key = FILE_FOLDER_KEYS[argument]
+    try:
+        found = folder_paths.get_full_path(key, name)
+        folders = folder_paths.get_folder_paths(key)
+    except KeyError:
+        found, folders = None, []
+    if found is None:
+        raise ModelLoadError(
+            f"{widget}={name!r} was not found in ComfyUI's {key} folders ({', '.join(folders) or 'none configured'}). "
+            f"Fix: put the file in ComfyUI/models/{key}/ and refresh the node list (press r)."
+        )
+    return Path(found)
 
 
 def output_directory() -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..offload.config import OffloadConfig
 from ..offload.core.loaded_model import LoadedModel
@@ -19,3 +20,22 @@ class ModelHandle:
     manager: OffloadManager
     model: LoadedModel
     config: OffloadConfig
+
+
+COMPONENT_TYPES = {
+    "dit": "VO_DIT",
+    "text_encoder": "VO_TEXT_ENCODER",
+    "vae": "VO_VAE",
+    "image_encoder": "VO_CLIP_VISION",
+}
+"""One link type per component, so a graph cannot wire a VAE file into the DiT input."""
+
+
+@dataclass(frozen=True)
+class ComponentFile:
+    """Where one component comes from: a single file from ComfyUI's model folders, or a Diffusers folder. Nothing is
+    read until Wan Model from Files assembles the model."""
+
+    argument: str
+    """``dit``, ``text_encoder``, ``vae`` or ``image_encoder``."""
+    path: Path

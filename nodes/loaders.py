@@ -7,10 +7,33 @@ import dataclasses
 from ..offload.config import PRECISIONS, OffloadConfig, Precision, option_specs
 from ..offload.errors import ConfigError
 from ..offload.pipeline.stages import load_model
-from ._host import in_comfyui, list_model_folders, resolve_model_folder, shared_manager
-from .handles import MODEL_TYPE, ModelHandle
+from ._host import (
+    FILE_FOLDER_KEYS,
+    in_comfyui,
+    list_component_files,
+    list_model_folders,
+    resolve_component,
+    resolve_model_folder,
+    shared_manager,
+)
+from .handles import COMPONENT_TYPES, MODEL_TYPE, ComponentFile, ModelHandle
 
 CATEGORY = "Video Offload"
+LOADERS = CATEGORY + "/loaders"
+
+
+def precision_widgets() -> dict[str, tuple]:
+    return {
+        "precision": (list(PRECISIONS), {
+            "default": "auto",
+            "tooltip": "DiT and text encoder compute dtype. auto = bfloat16 on a GPU (Wan's native), float32 on CPU. "
+                       "fp8 files stay fp8 in RAM and are widened to this on the GPU.",
+        }),
+        "vae_precision": (list(PRECISIONS[1:][::-1]), {
+            "default": "float32",
+            "tooltip": "VAE and image encoder. float32 is Wan's reference; bfloat16 halves their memory.",
+        }),
+    }
 
 
 class LoadModel:
@@ -22,19 +45,7 @@ class LoadModel:
             model = (list_model_folders(), {"tooltip": "A Diffusers-format Wan2.1 folder in ComfyUI/models/diffusers."})
         else:
             model = ("STRING", {"default": "", "tooltip": "Path to a Diffusers-format Wan2.1 folder."})
-        return {
-            "required": {
-                "model_name": model,
-                "precision": (list(PRECISIONS), {
-                    "default": "auto",
-                    "tooltip": "DiT and text encoder weights. auto = bfloat16 on a GPU (Wan's native), float32 on CPU.",
-                }),
-                "vae_precision": (list(PRECISIONS[1:][::-1]), {
-                    "default": "float32",
-                    "tooltip": "VAE and image encoder. float32 is Wan's reference; bfloat16 halves their memory.",
-                }),
-            }
-        }
+        return {"required": {"model_name": model, **precision_widgets()}}
 
     RETURN_TYPES = (MODEL_TYPE,)
     RETURN_NAMES = ("model",)
@@ -46,6 +57,93 @@ class LoadModel:
     def load(self, model_name, precision, vae_precision):
         manager = shared_manager()
         model = load_model(manager, resolve_model_folder(model_name), Precision(dit=precision, vae=vae_precision))
+        return (ModelHandle(manager, model, OffloadConfig()),)
+
+
+class _ComponentLoader:
+    """A component's single file from its ComfyUI model folder, like ComfyUI's own loaders (or, from the same list,
+    a Diffusers folder's copy of that component). Only resolves the name: Wan Model from Files reads and checks."""
+
+    ARGUMENT = ""
+    WIDGET = ""
+    EXAMPLE = ""
+    FUNCTION = "load"
+    CATEGORY = LOADERS
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folder = FILE_FOLDER_KEYS[cls.ARGUMENT]
+        if in_comfyui():
+            choices = (list_component_files(cls.ARGUMENT), {"tooltip":
+                f"A file in ComfyUI/models/{folder} (e.g. {cls.EXAMPLE}), or a Diffusers folder's {cls.ARGUMENT}."})
+        else:
+            choices = ("STRING", {"default": "", "tooltip": f"Path to a single file such as {cls.EXAMPLE}."})
+        return {"required": {cls.WIDGET: choices}}
+
+    def load(self, **widgets):
+        return (ComponentFile(self.ARGUMENT, resolve_component(self.ARGUMENT, self.WIDGET, widgets[self.WIDGET])),)
+
+
+class LoadDiT(_ComponentLoader):
+    ARGUMENT, WIDGET, EXAMPLE = "dit", "dit_name", "wan2.1_t2v_14B_fp8_scaled.safetensors"
+    RETURN_TYPES = (COMPONENT_TYPES["dit"],)
+    RETURN_NAMES = ("dit",)
+    DESCRIPTION = "Pick the Wan DiT from ComfyUI/models/diffusion_models (bf16, fp16, fp8_e4m3fn or fp8_scaled)."
+
+
+class LoadTextEncoder(_ComponentLoader):
+    ARGUMENT, WIDGET, EXAMPLE = "text_encoder", "text_encoder_name", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    RETURN_TYPES = (COMPONENT_TYPES["text_encoder"],)
+    RETURN_NAMES = ("text_encoder",)
+    DESCRIPTION = "Pick the UMT5-XXL text encoder from ComfyUI/models/text_encoders (its tokenizer is inside the file)."
+
+
+class LoadVAE(_ComponentLoader):
+    ARGUMENT, WIDGET, EXAMPLE = "vae", "vae_name", "wan_2.1_vae.safetensors"
+    RETURN_TYPES = (COMPONENT_TYPES["vae"],)
+    RETURN_NAMES = ("vae",)
+    DESCRIPTION = "Pick the Wan2.1 VAE from ComfyUI/models/vae."
+
+
+class LoadImageEncoder(_ComponentLoader):
+    ARGUMENT, WIDGET, EXAMPLE = "image_encoder", "clip_name", "clip_vision_h.safetensors"
+    RETURN_TYPES = (COMPONENT_TYPES["image_encoder"],)
+    RETURN_NAMES = ("clip_vision",)
+    DESCRIPTION = "Pick the CLIP vision encoder of image-to-video models from ComfyUI/models/clip_vision."
+
+
+class WanModelFromFiles:
+    """Assembles a Wan model from its components' files: the kind (T2V/I2V, 1.3B/14B) is read from the DiT's keys
+    and shapes, every file is checked against it (headers only), and weights are read when a stage first needs them."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dit": (COMPONENT_TYPES["dit"], {"tooltip": "From Load Wan DiT."}),
+                "text_encoder": (COMPONENT_TYPES["text_encoder"], {"tooltip": "From Load Text Encoder."}),
+                "vae": (COMPONENT_TYPES["vae"], {"tooltip": "From Load VAE."}),
+                **precision_widgets(),
+            },
+            "optional": {
+                "clip_vision": (COMPONENT_TYPES["image_encoder"], {"tooltip":
+                    "Image-to-video models only: from Load CLIP Vision."}),
+            },
+        }
+
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with FastVideo's default offload options; change them with Offload Settings.",)
+    FUNCTION = "assemble"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("A Wan2.1 model from the single files ComfyUI uses (Comfy-Org's repackaged files); fp8 weights stay "
+                   "fp8 in RAM and over PCIe.")
+
+    def assemble(self, dit: ComponentFile, text_encoder: ComponentFile, vae: ComponentFile, precision, vae_precision,
+                 clip_vision: ComponentFile | None = None):
+        files = {part.argument: part.path for part in (dit, text_encoder, vae, clip_vision) if part is not None}
+        manager = shared_manager()
+        model = load_model(manager, files, Precision(dit=precision, vae=vae_precision))
         return (ModelHandle(manager, model, OffloadConfig()),)
 
 

@@ -130,6 +130,12 @@ class OffloadConfig:
         False, "Ignore the seven options and walk the recommended order by itself: start resident (or plain FSDP on "
                "several GPUs) and turn on the next option whenever a stage runs out of memory, logging each choice.",
         labels=("manual", "auto"))
+    max_pinned_memory_gb: int | Literal["auto"] = option(
+        "auto", "With pin_cpu_memory: the most host memory, in GiB, the pack may page-lock, all models together. "
+                "Weights beyond it stay pageable and still stream, more slowly. \"auto\": 45% of the machine's RAM "
+                "(ComfyUI's later versions cap pinning near there).",
+        low=0, high=4096, fix='use "auto", 0 to pin nothing, or a number of GiB well below your RAM', auto=True,
+        cost="Page-locked memory cannot be swapped out; what does not fit streams from pageable memory, slower.")
 
     def __post_init__(self) -> None:
         for spec in option_specs():

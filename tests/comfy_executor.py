@@ -23,11 +23,52 @@ class WorkflowValidationError(Exception):
     pass
 
 
+SUPPORTED_PT_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+LEGACY_FOLDER_NAMES = {"unet": "diffusion_models", "clip": "text_encoders"}
+
+
 def make_folder_paths(models_dir: Path, output_dir: Path, input_dir: Path | None = None) -> types.ModuleType:
-    """A ``folder_paths`` module with ComfyUI's functions the pack uses, rooted at test folders."""
+    """A ``folder_paths`` module with ComfyUI 0.3.64's functions the pack uses, rooted at test folders:
+    ``models_dir`` is ``<models>/diffusers``, and its siblings are the single-file folders, with ComfyUI's legacy
+    aliases (``unet`` before ``diffusion_models``, ``clip`` after ``text_encoders``)."""
+    import os
+
+    models = Path(models_dir).parent
     module = types.ModuleType("folder_paths")
-    module.folder_names_and_paths = {"diffusers": ([str(models_dir)], {"folder"})}
-    module.get_folder_paths = lambda name: list(module.folder_names_and_paths[name][0])
+    module.folder_names_and_paths = {
+        "diffusers": ([str(models_dir)], {"folder"}),
+        "diffusion_models": ([str(models / "unet"), str(models / "diffusion_models")], SUPPORTED_PT_EXTENSIONS),
+        "text_encoders": ([str(models / "text_encoders"), str(models / "clip")], SUPPORTED_PT_EXTENSIONS),
+        "vae": ([str(models / "vae")], SUPPORTED_PT_EXTENSIONS),
+        "clip_vision": ([str(models / "clip_vision")], SUPPORTED_PT_EXTENSIONS),
+    }
+
+    def folders(name: str) -> tuple[list[str], set[str]]:
+        return module.folder_names_and_paths[LEGACY_FOLDER_NAMES.get(name, name)]
+
+    def get_filename_list(name: str) -> list[str]:
+        """Relative paths (subfolders included) of the files with a supported extension, sorted, de-duplicated."""
+        directories, extensions = folders(name)
+        found = set()
+        for directory in directories:
+            for dirpath, _, filenames in os.walk(directory, followlinks=True):
+                for filename in filenames:
+                    if not extensions or os.path.splitext(filename)[-1].lower() in extensions:
+                        found.add(os.path.relpath(os.path.join(dirpath, filename), directory))
+        return sorted(found)
+
+    def get_full_path(name: str, filename: str) -> str | None:
+        """As ComfyUI: the name is normalised so that it cannot leave the folders; the first existing file wins."""
+        filename = os.path.relpath(os.path.join("/", filename), "/")
+        for directory in folders(name)[0]:
+            path = os.path.join(directory, filename)
+            if os.path.isfile(path):
+                return path
+        return None
+
+    module.get_folder_paths = lambda name: list(folders(name)[0])
+    module.get_filename_list = get_filename_list
+    module.get_full_path = get_full_path
     module.get_output_directory = lambda: str(output_dir)
     module.get_input_directory = lambda: str(input_dir or output_dir)
     return module

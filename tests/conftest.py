@@ -98,3 +98,59 @@ def diffusers_i2v_reference(tiny_i2v):
         ).frames[0]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def spiece_model():
+    """A tiny SentencePiece model (what ComfyUI stores as ``spiece_model`` in the text encoder's file)."""
+    pytest.importorskip("sentencepiece")
+    from single_file_helpers import train_sentencepiece
+
+    return train_sentencepiece()
+
+
+@pytest.fixture(scope="session")
+def single_file_folders(tmp_path_factory, spiece_model):
+    """Tiny T2V and I2V Diffusers folders shaped like the real models where single files cannot say otherwise
+    (``SINGLE_FILE_TINY``), sharing one text encoder and VAE, with the sentencepiece tokenizer."""
+    import dataclasses
+
+    from video_offload.offload.families.wan.text import tokenizer_from_sentencepiece
+    from video_offload.offload.families.wan.tiny import SINGLE_FILE_TINY, build_tiny_wan
+
+    root = tmp_path_factory.mktemp("single_files")
+    tokenizer = tokenizer_from_sentencepiece(spiece_model)
+    return {
+        kind: build_tiny_wan(root / f"tiny-{kind}", seed=11, tokenizer=tokenizer,
+                             spec=dataclasses.replace(SINGLE_FILE_TINY, image_to_video=kind == "i2v"))
+        for kind in ("t2v", "i2v")
+    }
+
+
+@pytest.fixture(scope="session")
+def single_files(single_file_folders, tmp_path_factory, spiece_model):
+    """Comfy-Org-style single files per (kind, layout); the bf16 DiT carries ComfyUI's ``model.diffusion_model.``
+    prefix."""
+    from single_file_helpers import LAYOUTS
+
+    from video_offload.offload.families.wan.comfy_export import export_single_files
+
+    root = tmp_path_factory.mktemp("comfy_files")
+    return {
+        (kind, layout): export_single_files(
+            folder, root / kind / layout, layout, spiece_model=spiece_model,
+            dit_prefix="model.diffusion_model." if layout == "bf16" else "",
+        )
+        for kind, folder in single_file_folders.items()
+        for layout in LAYOUTS
+    }
+
+
+@pytest.fixture(scope="session")
+def single_file_references(single_file_folders, single_files, tmp_path_factory):
+    """Per (kind, layout), a Diffusers folder holding exactly the numbers the single files hold (ComfyUI's rule)."""
+    from single_file_helpers import reference_folder
+
+    root = tmp_path_factory.mktemp("references")
+    return {key: reference_folder(single_file_folders[key[0]], paths, root / f"{key[0]}-{key[1]}")
+            for key, paths in single_files.items()}

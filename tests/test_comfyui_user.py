@@ -22,7 +22,7 @@ WORKFLOWS = REPO_ROOT / "workflows"
 
 
 @pytest.fixture(scope="module")
-def comfy(tiny_t2v, tiny_i2v, tmp_path_factory):
+def comfy(tiny_t2v, tiny_i2v, tmp_path_factory):  # the Diffusers-folder workflows (single files: test_workflows)
     root = tmp_path_factory.mktemp("comfyui-user")
     models, output, inputs = root / "models" / "diffusers", root / "output", root / "input"
     inputs.mkdir(parents=True)
@@ -88,7 +88,7 @@ def test_the_start_frame_is_shipped_small_and_made_by_the_project():
 
 
 def test_the_i2v_workflow_runs_on_the_shipped_start_frame(comfy):
-    prompt = api_prompt("wan2.1_i2v_single_gpu.json")
+    prompt = api_prompt("wan2.1_i2v_diffusers_folder.json")
     results = execute(prompt, comfy.mappings)
     decode = next(k for k, v in prompt.items() if v["class_type"] == "VideoOffloadDecodeVAE")
     assert results[decode][0].shape == (SMALL["num_frames"], SMALL["height"], SMALL["width"], 3)
@@ -98,8 +98,8 @@ def test_the_i2v_workflow_runs_on_the_shipped_start_frame(comfy):
 
 
 def test_a_saved_video_carries_the_prompt_and_workflow_and_starts_with_its_moov(comfy):
-    prompt = api_prompt("wan2.1_t2v_single_gpu.json")
-    graph = json.loads((WORKFLOWS / "wan2.1_t2v_single_gpu.json").read_text())
+    prompt = api_prompt("wan2.1_t2v_diffusers_folder.json")
+    graph = json.loads((WORKFLOWS / "wan2.1_t2v_diffusers_folder.json").read_text())
     before = set(comfy.output.rglob("*.mp4"))
     results = execute(prompt, comfy.mappings, extra_pnginfo={"workflow": graph})
     save = next(k for k, v in prompt.items() if v["class_type"] == "VideoOffloadSaveVideo")
@@ -127,7 +127,7 @@ def test_disable_metadata_is_honoured(comfy, monkeypatch):
 
 
 def test_every_bad_value_of_the_graph_is_reported_before_anything_runs(comfy):
-    prompt = api_prompt("wan2.1_t2v_single_gpu.json")
+    prompt = api_prompt("wan2.1_t2v_diffusers_folder.json")
     node_of(prompt, "VideoOffloadSample").update(width=100, num_frames=80, cfg=math.nan)
     node_of(prompt, "VideoOffloadSaveVideo")["filename_prefix"] = "../outside"
     node_of(prompt, "VideoOffloadEncodePrompt")["prompt"] = "   "
@@ -145,7 +145,7 @@ def test_every_bad_value_of_the_graph_is_reported_before_anything_runs(comfy):
 
 
 def test_validation_still_checks_bounds_comfyui_skips_for_custom_validated_inputs(comfy):
-    prompt = api_prompt("wan2.1_t2v_single_gpu.json")
+    prompt = api_prompt("wan2.1_t2v_diffusers_folder.json")
     node_of(prompt, "VideoOffloadSample")["height"] = 9999
     node_of(prompt, "VideoOffloadSaveVideo")["fps"] = 0
     with pytest.raises(WorkflowValidationError, match=r"height=9999: must be from 16 to 8192.*fps=0: must be a whole"):
@@ -153,7 +153,7 @@ def test_validation_still_checks_bounds_comfyui_skips_for_custom_validated_input
 
 
 def test_a_valid_graph_passes_validation_with_linked_texts(comfy):
-    prompt = api_prompt("wan2.1_t2v_single_gpu.json")
+    prompt = api_prompt("wan2.1_t2v_diffusers_folder.json")
     validate(prompt, comfy.mappings)
     assert comfy.pack.NODE_CLASS_MAPPINGS["VideoOffloadEncodePrompt"].VALIDATE_INPUTS(prompt=None, negative_prompt=None)
 

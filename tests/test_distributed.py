@@ -28,7 +28,7 @@ from test_workflows import FakeComfy
 
 pytestmark = pytest.mark.slow
 
-WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan2.1_t2v_single_gpu.json"
+WORKFLOW = REPO_ROOT / "workflows" / "api" / "wan2.1_t2v_diffusers_folder.json"
 SIZES = {"width": 96, "height": 64, "num_frames": 9, "steps": 3}
 
 

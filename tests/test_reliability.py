@@ -29,7 +29,7 @@ SIZES = dict(height=64, width=96, num_frames=9, num_inference_steps=2)
 DOC = REPO_ROOT / "docs" / "reliability.md"
 
 
-DOCUMENTED_ROWS = 75
+DOCUMENTED_ROWS = 77
 """The hostile-input table's row count: a deleted (or unparseable) row fails here instead of silently not running."""
 
 
@@ -78,7 +78,7 @@ def node_env(tiny_t2v, tmp_path_factory):
             dit_layerwise_offload=True, text_encoder_cpu_offload=True, image_encoder_cpu_offload=True,
             vae_cpu_offload=True, pin_cpu_memory=True, text_encoder_layerwise_offload=False, vae_tiling="auto",
             dit_activation_chunking="auto", prefetch_depth=1, resident_blocks=0, auto_resident_blocks=False,
-            auto_offload=False,
+            auto_offload=False, max_pinned_memory_gb=8, auto_max_pinned_memory_gb=False,
         ),
         "VideoOffloadEncodePrompt": dict(model=model, prompt="a cat", negative_prompt=""),
         "VideoOffloadSample": dict(

@@ -70,21 +70,43 @@ class FakeComfy:
         return {"comfy": self.package, "comfy.utils": self.utils, "comfy.model_management": self.model_management}
 
 
+FILE_LOADERS = {
+    "VideoOffloadLoadDiT": ("dit_name", "diffusion_models", "dit"),
+    "VideoOffloadLoadTextEncoder": ("text_encoder_name", "text_encoders", "text_encoder"),
+    "VideoOffloadLoadVAE": ("vae_name", "vae", "vae"),
+    "VideoOffloadLoadCLIPVision": ("clip_name", "clip_vision", "image_encoder"),
+}
+"""Single-file loader -> (widget, ComfyUI model folder, component)."""
+
+
+def kind_of(prompt: dict) -> str:
+    return "i2v" if any("image" in n["inputs"] for n in prompt.values() if n["class_type"] == "VideoOffloadEncodePrompt") else "t2v"
+
+
 @pytest.fixture(scope="module")
-def comfy_env(tiny_t2v, tiny_i2v, start_image, tmp_path_factory):
+def comfy_env(tiny_t2v, tiny_i2v, single_files, start_image, tmp_path_factory):
     """The pack loaded from its folder under a ComfyUI-style name, with models, input and output folders of its
-    own. Each model a workflow names is a tiny model of the same kind (I2V names get the tiny I2V model)."""
+    own. Each model a workflow names is a tiny model of the same kind (I2V names get the tiny I2V model); each
+    single file it names (Comfy-Org's names) is a tiny Comfy-Org-style file of that kind, in the fp8_scaled layout
+    those names say, placed in ComfyUI's folder for it."""
     root = tmp_path_factory.mktemp("comfyui")
     models, output, inputs = root / "models" / "diffusers", root / "output", root / "input"
     inputs.mkdir(parents=True)
     start_image.save(inputs / "start_frame.png")
     for api_file in API_FILES:
-        for node in json.loads(api_file.read_text()).values():
+        prompt = json.loads(api_file.read_text())
+        for node in prompt.values():
             if node["class_type"] == "VideoOffloadLoadModel":
                 name = node["inputs"]["model_name"]
                 target = models / name
                 if not target.exists():
                     shutil.copytree(tiny_i2v if "I2V" in name else tiny_t2v, target)
+            if node["class_type"] in FILE_LOADERS:
+                widget, folder, component = FILE_LOADERS[node["class_type"]]
+                target = models.parent / folder / node["inputs"][widget]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.exists():
+                    shutil.copyfile(single_files[(kind_of(prompt), "fp8_scaled")][component], target)
     fake = FakeComfy()
     pack = load_pack(REPO_ROOT, make_folder_paths(models, output, inputs), fake.modules())
     mappings = {**core_nodes(inputs), **pack.NODE_CLASS_MAPPINGS}
@@ -96,9 +118,24 @@ def small(prompt: dict) -> dict:
     for node in prompt.values():
         if node["class_type"] == "VideoOffloadSample":
             node["inputs"].update(SMALL)
-        if node["class_type"] == "VideoOffloadLoadModel":
+        if node["class_type"] in ("VideoOffloadLoadModel", "VideoOffloadWanModel"):
             node["inputs"]["precision"] = "float32"
     return prompt
+
+
+def diffusers_frames(folder, image, prompt, negative_prompt, seed, **sizes):
+    """diffusers' own pipeline on a folder (the oracle), as the conftest references run it."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    if image is None:
+        pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32)
+        args = (prompt,)
+    else:
+        pipe = WanImageToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+        args = (image, prompt)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(*args, negative_prompt=negative_prompt, generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="np", **sizes).frames[0]
 
 
 def widget_names(cls) -> list[str]:
@@ -159,7 +196,7 @@ def test_ui_and_api_workflows_are_the_same_graph(comfy_env, ui_file):
 
 @pytest.mark.parametrize("api_file", API_FILES, ids=lambda p: p.name)
 def test_api_workflow_runs_and_matches_diffusers(
-    comfy_env, api_file, diffusers_t2v_reference, diffusers_i2v_reference, start_image
+    comfy_env, api_file, diffusers_t2v_reference, diffusers_i2v_reference, start_image, single_file_references
 ):
     prompt = small(json.loads(api_file.read_text()))
     comfy_env.fake.progress.clear()
@@ -174,7 +211,12 @@ def test_api_workflow_runs_and_matches_diffusers(
         num_inference_steps=sample["steps"], guidance_scale=sample["cfg"],
     )
     assert sample["flow_shift"] == 0.0  # the shipped workflows keep the model folder's own shift, as diffusers does
-    if "image" in encode:
+    if any(v["class_type"] == "VideoOffloadWanModel" for v in prompt.values()):
+        # Single files: diffusers on a folder holding the numbers the fp8 files hold (ComfyUI's dequantisation).
+        folder = single_file_references[(kind_of(prompt), "fp8_scaled")]
+        image = start_image if "image" in encode else None
+        reference = diffusers_frames(folder, image, encode["prompt"], encode["negative_prompt"], sample["seed"], **sizes)
+    elif "image" in encode:
         reference = diffusers_i2v_reference(start_image, encode["prompt"], encode["negative_prompt"], sample["seed"], **sizes)
     else:
         folder_shift = json.loads((comfy_env.models / "Wan2.1-T2V-1.3B-Diffusers" / "scheduler" / "scheduler_config.json")
@@ -248,3 +290,73 @@ def test_pack_works_from_any_folder_name(tmp_path, comfy_env):
     pack = load_pack(copy, make_folder_paths(comfy_env.models, comfy_env.output), {})
     assert set(pack.NODE_CLASS_MAPPINGS) == set(comfy_env.pack.NODE_CLASS_MAPPINGS)
     assert sys.modules[comfy_module_name(copy)] is pack
+
+
+def test_file_loaders_list_comfyui_folders_like_its_own_loaders(comfy_env, single_files, tiny_t2v):
+    """Files of ComfyUI's folders (legacy ``unet``/``clip`` too, subfolders included, pickles not offered), then
+    the Diffusers folders - including ``Wan-AI/<repo>`` and the Hugging Face cache layout, under the repo name."""
+    models = comfy_env.models.parent
+    (models / "unet" / "old").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(single_files[("t2v", "bf16")]["dit"], models / "unet" / "old" / "legacy_dit.safetensors")
+    (models / "clip").mkdir(exist_ok=True)
+    shutil.copyfile(single_files[("t2v", "bf16")]["text_encoder"], models / "clip" / "umt5_legacy.safetensors")
+    (models / "clip" / "not_offered.pt").write_bytes(b"pickle")
+    shutil.copytree(tiny_t2v, comfy_env.models / "Wan-AI" / "Wan2.1-T2V-Org-Diffusers", dirs_exist_ok=True)
+    cache = comfy_env.models / "models--Wan-AI--Wan2.1-T2V-Cached-Diffusers"
+    shutil.copytree(tiny_t2v, cache / "snapshots" / "abc123", dirs_exist_ok=True)
+
+    dit_choices = comfy_env.mappings["VideoOffloadLoadDiT"].INPUT_TYPES()["required"]["dit_name"][0]
+    assert "wan2.1_t2v_14B_fp8_scaled.safetensors" in dit_choices and "old/legacy_dit.safetensors" in dit_choices
+    text_choices = comfy_env.mappings["VideoOffloadLoadTextEncoder"].INPUT_TYPES()["required"]["text_encoder_name"][0]
+    assert "umt5_legacy.safetensors" in text_choices and "not_offered.pt" not in text_choices
+    folders = comfy_env.mappings["VideoOffloadLoadModel"].INPUT_TYPES()["required"]["model_name"][0]
+    assert {"Wan2.1-T2V-Org-Diffusers", "Wan-AI/Wan2.1-T2V-Org-Diffusers", "Wan2.1-T2V-Cached-Diffusers"} <= set(folders)
+    assert "[Diffusers folder] Wan2.1-T2V-Cached-Diffusers" in text_choices
+
+    load = comfy_env.mappings["VideoOffloadLoadModel"]()
+    for name in ("Wan2.1-T2V-Org-Diffusers", "Wan2.1-T2V-Cached-Diffusers"):
+        handle = load.load(name, "float32", "float32")[0]
+        assert handle.model.spec.name == "wan2.1-t2v"
+    assert load.load("Wan2.1-T2V-Cached-Diffusers", "float32", "float32")[0].model.source.path.name == "abc123"
+
+    # A model from the legacy folders, its text encoder from a Diffusers folder picked in the same list.
+    dit = comfy_env.mappings["VideoOffloadLoadDiT"]().load(dit_name="old/legacy_dit.safetensors")[0]
+    text = comfy_env.mappings["VideoOffloadLoadTextEncoder"]().load(
+        text_encoder_name="[Diffusers folder] Wan2.1-T2V-Cached-Diffusers")[0]
+    vae = comfy_env.mappings["VideoOffloadLoadVAE"]().load(vae_name="wan_2.1_vae.safetensors")[0]
+    handle = comfy_env.mappings["VideoOffloadWanModel"]().assemble(dit, text, vae, "float32", "float32")[0]
+    parts = handle.model.source.parts
+    assert type(parts["transformer"]).__name__ == "FilePart" and parts["transformer"].path.parent.name == "old"
+    assert type(parts["text_encoder"]).__name__ == type(parts["tokenizer"]).__name__ == "FolderPart"
+    assert parts["text_encoder"].folder.path.name == "abc123"
+
+
+def test_file_loaders_refuse_names_outside_their_folders_and_wrong_files(comfy_env):
+    ModelLoadError = comfy_env.pack.offload.ModelLoadError
+    loader = comfy_env.mappings["VideoOffloadLoadDiT"]()
+    for name in ("../diffusers/anything.safetensors", "/etc/passwd", "missing.safetensors"):
+        with pytest.raises(ModelLoadError, match=r"dit_name=.* was not found in ComfyUI's diffusion_models folders"):
+            loader.load(dit_name=name)
+    with pytest.raises(ModelLoadError, match=r"dit_name='' is empty"):
+        loader.load(dit_name="")
+    wrong = comfy_env.mappings["VideoOffloadLoadVAE"]().load(vae_name="wan_2.1_vae.safetensors")[0]
+    dit = type(wrong)("dit", wrong.path)  # a VAE file wired as the DiT
+    text = comfy_env.mappings["VideoOffloadLoadTextEncoder"]().load(
+        text_encoder_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors")[0]
+    with pytest.raises(ModelLoadError, match=r"wan_2\.1_vae\.safetensors is not a DiT this pack runs \(it is a Wan VAE"):
+        comfy_env.mappings["VideoOffloadWanModel"]().assemble(dit, text, wrong, "auto", "float32")
+
+
+def test_the_tiny_comfyui_files_have_the_names_the_workflows_use():
+    """``python -m video_offload.offload.families.wan.comfy_export ComfyUI/models`` writes tiny files for a real
+    ComfyUI run of the shipped workflows: under exactly the names and folders those workflows pick."""
+    from video_offload.offload.families.wan.comfy_export import COMFY_FOLDERS, COMFY_ORG_NAMES
+
+    written = {(COMFY_FOLDERS[argument], name) for (argument, _), name in COMFY_ORG_NAMES.items()}
+    used = set()
+    for api_file in API_FILES:
+        for node in json.loads(api_file.read_text()).values():
+            if node["class_type"] in FILE_LOADERS:
+                widget, folder, _ = FILE_LOADERS[node["class_type"]]
+                used.add((folder, node["inputs"][widget]))
+    assert used and used == written

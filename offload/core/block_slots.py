@@ -16,20 +16,36 @@ Ordering, per slot ``s``:
 None of these touches the host: in steady state the CPU never waits for the GPU. On a CPU device there is no stream
 and no event; ``load`` is a plain synchronous ``copy_``. The slot logic above it is the same, which is what lets CI
 exercise it without a GPU.
+
+Blocks stored narrower than they compute (fp8, ``stored_format.StagedLayout``) take one more step: ``load`` copies
+the stored bytes into one *raw* buffer, then widens them into the slot (``StagedLayout.decode``), both on the copy
+stream. The raw buffer is used by that stream only, so stream order alone keeps a copy from overwriting bytes a
+decode still reads, and one raw buffer serves every slot. The copy is issued before the wait for the slot to be
+free (it touches only the raw buffer), so the transfer of the next block overlaps the running block's compute as
+before, and the decode - a few memory-bound kernels - runs beside the compute stream instead of on it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .stored_format import StagedLayout
+
 
 class BlockSlots:
     """``count`` GPU buffers of ``nbytes`` bytes each, plus the copy stream and the per-slot events."""
 
-    def __init__(self, nbytes: int, count: int, device: torch.device):
+    def __init__(self, nbytes: int, count: int, device: torch.device, staged: StagedLayout | None = None):
         self.device = device
         self.nbytes = nbytes
         self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)]
+        self.staged = staged
+        self.raw: torch.Tensor | None = None
+        """Stored bytes of the block being widened (staged blocks only)."""
+        self._decode_views: list = []
+        if staged is not None:
+            self.raw = torch.empty(staged.stored.nbytes, dtype=torch.uint8, device=device)
+            self._decode_views = [staged.views(self.raw, buffer) for buffer in self.buffers]
         self._cuda = device.type == "cuda"
         if self._cuda:
             # Created here, with the offloader, never at import: a stream belongs to a device and a process.
@@ -45,21 +61,35 @@ class BlockSlots:
 
     @property
     def total_bytes(self) -> int:
-        return self.nbytes * len(self.buffers)
+        """Device memory of the slots (and of the raw buffer of staged blocks)."""
+        raw = 0 if self.raw is None else self.raw.numel()
+        return self.nbytes * len(self.buffers) + raw
 
     def load(self, slot: int, host_flat: torch.Tensor) -> None:
-        """Copy one block's bytes from host memory into ``slot``, ordered after the slot's last reader."""
+        """Copy one block's bytes from host memory into ``slot`` (staged: into the raw buffer, then widen them into
+        ``slot``), ordered after the slot's last reader."""
         if not self._cuda:
-            self.buffers[slot].copy_(host_flat)
+            if self.staged is None:
+                self.buffers[slot].copy_(host_flat)
+            else:
+                self.raw.copy_(host_flat)
+                StagedLayout.decode(self._decode_views[slot])
             return
         with torch.cuda.stream(self.copy_stream):
-            # The slot may still be read by kernels of the block that used it last; `free` was recorded after them
-            # on the compute stream. Waiting on an event that was never recorded is a no-op (first use of a slot).
-            self.copy_stream.wait_event(self._free[slot])
-            # non_blocking: from page-locked memory this is a true async DMA and the host returns at once. From
-            # pageable memory CUDA stages the bytes through a driver buffer, so the host blocks for about the copy
-            # time: still correct, but the transfer is then no longer hidden.
-            self.buffers[slot].copy_(host_flat, non_blocking=True)
+            if self.staged is None:
+                # The slot may still be read by kernels of the block that used it last; `free` was recorded after
+                # them on the compute stream. Waiting on an event never recorded is a no-op (first use of a slot).
+                self.copy_stream.wait_event(self._free[slot])
+                # non_blocking: from page-locked memory this is a true async DMA and the host returns at once. From
+                # pageable memory CUDA stages the bytes through a driver buffer, so the host blocks for about the
+                # copy time: still correct, but the transfer is then no longer hidden.
+                self.buffers[slot].copy_(host_flat, non_blocking=True)
+            else:
+                # The raw buffer's last reader is the previous decode, earlier on this same stream: no event needed,
+                # and the transfer need not wait for the slot.
+                self.raw.copy_(host_flat, non_blocking=True)
+                self.copy_stream.wait_event(self._free[slot])
+                StagedLayout.decode(self._decode_views[slot])
             self._loaded[slot].record(self.copy_stream)
 
     def wait_loaded(self, slot: int) -> None:
@@ -84,3 +114,5 @@ class BlockSlots:
             return
         self.synchronize()
         self.buffers = []
+        self.raw = None
+        self._decode_views = []

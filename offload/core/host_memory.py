@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -76,25 +77,64 @@ class HostArena:
     """One flat host buffer, optionally page-locked, that backs many tensors.
 
     The buffer is plain pageable memory from PyTorch's CPU allocator, aligned to a page; pinning registers that
-    exact range with the CUDA driver. ``release()`` unregisters it; the memory itself is freed when the last view
-    goes away.
+    exact range with the CUDA driver. ``pin_bytes`` pins only the first bytes (a host-RAM budget: the rest stays
+    pageable, still usable, copied more slowly); callers choose a prefix that ends on a boundary of what they copy,
+    so every copy reads memory that is either all pinned or all pageable. ``release()`` unregisters it; the memory
+    itself is freed when the last view goes away.
     """
 
-    def __init__(self, nbytes: int, pin: bool):
+    def __init__(self, nbytes: int, pin: bool, pin_bytes: int | None = None):
         self.nbytes = nbytes
         raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
         start = (-raw.data_ptr()) % PAGE
         self.buffer = raw[start : start + nbytes]
-        self.pinned = False
-        if pin:
-            advise_huge_pages(self.buffer)
-            self.pinned = register_host_memory(self.buffer)
+        self.pinned_bytes = 0
+        """How many bytes, from the start, are page-locked."""
+        wanted = nbytes if pin_bytes is None else max(0, min(pin_bytes, nbytes))
+        if pin and wanted:
+            prefix = self.buffer[:wanted]
+            advise_huge_pages(prefix)
+            if register_host_memory(prefix):
+                self.pinned_bytes = wanted
+
+    @property
+    def pinned(self) -> bool:
+        """Whether any of it is page-locked."""
+        return self.pinned_bytes > 0
 
     def release(self) -> None:
         """Unpin. Idempotent; the views stay valid as pageable memory until dropped."""
-        if self.pinned:
-            unregister_host_memory(self.buffer)
-            self.pinned = False
+        if self.pinned_bytes:
+            unregister_host_memory(self.buffer[: self.pinned_bytes])
+            self.pinned_bytes = 0
+
+
+PIN_SHARE_OF_RAM = 0.45
+"""The default share of physical RAM the pack may page-lock (``max_pinned_memory_gb="auto"``).
+
+ComfyUI 0.3.64 pins nothing; its later versions cap pinned memory at 45% of RAM on Windows (where the driver
+refuses more than about half), and page-locked memory can neither be swapped nor reclaimed, so a cap below half
+of RAM leaves the OS, ComfyUI and the unpinned rest of the weights room on a 32 GB machine (14.4 GB pinned at
+most)."""
+
+
+def physical_memory_bytes() -> int:
+    """Total RAM of the machine (``MemTotal``), or 0 when it cannot be read."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except (ImportError, OSError, AttributeError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def default_pin_limit() -> int:
+    """``PIN_SHARE_OF_RAM`` of the machine's RAM, in bytes."""
+    return int(physical_memory_bytes() * PIN_SHARE_OF_RAM)
 
 
 MADV_HUGEPAGE = 14

@@ -20,6 +20,14 @@ What it does, for any model whose blocks are an ``nn.ModuleList`` of identically
   recovering from whatever an interrupted one left, so an exception or an interrupt anywhere leaves the model
   consistent and the next forward correct.
 - Parameters and buffers outside the blocks are moved to the GPU and stay there.
+- Narrow storage: when the weight source keeps a block tensor narrower than it computes (fp8, with a per-tensor
+  scale: ``stored_format``), the host arena holds the stored bytes, those are what cross PCIe, and they are widened
+  on the device into the slot the block computes from (``block_slots``: a raw buffer, then a decode on the copy
+  stream). Between forwards such tensors point at a zero-memory NaN placeholder instead of host memory (there is
+  no host copy in the compute dtype); resident blocks and tensors outside the blocks are widened once, at
+  placement. The same code with ``device="cpu"`` computes on the CPU from fp8 storage.
+- Host-RAM budget: ``max_pinned_bytes`` page-locks only the first whole blocks of the arena; the rest stays
+  pageable and still streams (each copy from it then blocks the host for its duration).
 
 Loading lives in ``weights.streaming`` and the residency policy in ``residency.py``; this module is the pipeline.
 
@@ -46,6 +54,7 @@ from ..errors import ConfigError
 from .block_slots import BlockSlots
 from .host_memory import FlatLayout, HostArena
 from .residency import AutoResidency, spread_resident
+from .stored_format import StagedLayout, StoredFormat
 from .tensors import TensorRef, tensor_refs
 
 logger = logging.getLogger(__name__)
@@ -55,7 +64,9 @@ GiB = 2**30
 WeightSource = Callable[[str, torch.Tensor, torch.Tensor], None]
 """``fill(name, current, dest)``: write the value of the model's tensor ``name`` (now ``current``, which may be on
 the meta device) into ``dest``, a host arena view or GPU memory of the same shape and dtype. A source may also have
-``fill_many(items)`` taking a list of such triples, used for each block's tensors (to read them concurrently)."""
+``fill_many(items)`` taking a list of such triples, used for each block's tensors (to read them concurrently), and
+``stored_format(name, current) -> StoredFormat | None`` saying that a tensor is kept narrower than ``current``'s
+dtype; it is then filled in its stored dtype (``dest`` of that dtype) and widened on the device."""
 
 
 def _copy_current(name: str, current: torch.Tensor, dest: torch.Tensor) -> None:
@@ -73,7 +84,11 @@ class LayerwiseStats:
     """Blocks copied into a GPU slot before each use."""
     prefetch_depth: int
     block_bytes: int
-    """Bytes of one block (its flat layout, alignment included): one transfer."""
+    """Bytes of one block as kept in host memory (its flat layout, alignment included): one transfer."""
+    device_block_bytes: int
+    """Bytes of one block in its compute dtypes: one slot, one resident block (``block_bytes`` unless stored narrow)."""
+    stored_narrow: bool
+    """Whether blocks are kept narrower than they compute (fp8) and widened on the device."""
     host_bytes: int
     """Host memory holding the blocks' master copy (every block, resident ones included)."""
     pinned_bytes: int
@@ -153,6 +168,7 @@ class LayerwiseOffloader:
         resident_blocks: int | Literal["auto"] = 0,
         weights: WeightSource | None = None,
         host_modules: tuple[str, ...] = (),
+        max_pinned_bytes: int | None = None,
     ):
         """Adopt ``model``: lay its blocks out in host memory, move everything else to ``device``, install hooks.
 
@@ -163,6 +179,9 @@ class LayerwiseOffloader:
         ``host_modules`` (names of submodules outside the blocks) stay in host memory and run on the CPU, their
         inputs brought over and their outputs sent to ``device``: for large lookup tables (a text encoder's 256k-row
         embedding is 2 GB, of which a prompt reads 512 rows).
+
+        ``max_pinned_bytes`` (with ``pin_cpu_memory``): page-lock at most this much of the arena, whole blocks from
+        the first; None pins all of it.
         """
         _check_options(pin_cpu_memory, prefetch_depth, resident_blocks)
         self.device = _resolve_device(device)
@@ -181,7 +200,11 @@ class LayerwiseOffloader:
         self.layout = self._common_layout(refs)
         self._check_ownership(refs, weights is not None)
         num_blocks = len(blocks)
-        nbytes = self.layout.nbytes
+        formats = self._stored_formats(refs, weights)
+        self.staged: StagedLayout | None = StagedLayout.of(self.layout, formats[0]) if formats else None
+        """The blocks' stored layout and how it is widened, when they are kept narrower than they compute."""
+        host_layout = self.staged.stored if self.staged else self.layout
+        nbytes = host_layout.nbytes
 
         # Streaming state. Positions index the streamed blocks in forward order; an issued copy is (position, slot).
         self._resident_mask: tuple[bool, ...] = (False,) * num_blocks
@@ -206,8 +229,9 @@ class LayerwiseOffloader:
 
         # Build host views and GPU copies outside inference mode, so they are ordinary tensors whatever the caller's
         # mode (ComfyUI loads models inside torch.inference_mode()).
+        pin_bytes = None if max_pinned_bytes is None else max(0, max_pinned_bytes) // nbytes * nbytes
         with torch.inference_mode(False), torch.no_grad():
-            self._arena = HostArena(nbytes * num_blocks, pin=pin_cpu_memory)
+            self._arena = HostArena(nbytes * num_blocks, pin=pin_cpu_memory, pin_bytes=pin_bytes)
         # Unpin even if the offloader is dropped without close(); must not reference self. Not at interpreter exit:
         # the CUDA context may be gone by then, and the process's memory goes with it anyway.
         self._finalizer = weakref.finalize(self, HostArena.release, self._arena)
@@ -215,8 +239,14 @@ class LayerwiseOffloader:
         try:
             with torch.inference_mode(False), torch.no_grad():
                 self._host_flat = [self._arena.buffer[i * nbytes : (i + 1) * nbytes] for i in range(num_blocks)]
-                self._host_views = [[s.view_into(flat) for s in self.layout.slots] for flat in self._host_flat]
-                self._fill_host_copies(refs, weights)
+                self._host_views = [[s.view_into(flat) for s in host_layout.slots] for flat in self._host_flat]
+                # What each block's tensors point at between forwards: their host copy, or (stored narrow) the
+                # host copy where the dtype is the compute dtype and a zero-memory placeholder where it is not.
+                self._resting_views = (
+                    [self.staged.resting_views(flat) for flat in self._host_flat] if self.staged else self._host_views
+                )
+                self._fill_host_copies(refs, weights, formats)
+                self._fill_host_modules(weights)
                 # Identities after rebinding, which replaces meta tensors with new objects.
                 block_ids = {id(ref.get()) for block_refs in refs for ref in block_refs}
                 block_ids |= {id(ref.get()) for m in self._host_modules for ref in tensor_refs(m, unique=False)}
@@ -241,39 +271,100 @@ class LayerwiseOffloader:
             self._abandon()
             raise
         logger.info(
-            "layerwise offload of %s.%s on %s: %d blocks x %.1f MiB, %d streamed through %d slots (prefetch depth %d), "
+            "layerwise offload of %s.%s on %s: %d blocks x %.1f MiB%s, %d streamed through %d slots (prefetch depth %d), "
             "%d resident%s; host copy %.2f GiB (%s); %.2f GiB of other weights on %s",
             type(model).__name__,
             blocks_name,
             self.device,
             num_blocks,
             nbytes / 2**20,
+            f" stored narrow, widened on {self.device} to {self.layout.nbytes / 2**20:.1f} MiB" if self.staged else "",
             len(self._streamed),
             self._slots.count if self._slots else 0,
             prefetch_depth,
             num_blocks - len(self._streamed),
             " (auto: decided after the first forward)" if resident_blocks == "auto" else "",
             self._arena.nbytes / GiB,
-            "pinned" if self._arena.pinned else "pageable",
+            self._pinning_description(),
             sum(t.numel() * t.element_size() for t in self._non_block) / GiB,
             self.device,
         )
 
-    def _fill_host_copies(self, refs: list[list[TensorRef]], weights: WeightSource | None) -> None:
+    def _pinning_description(self) -> str:
+        pinned, total = self._arena.pinned_bytes, self._arena.nbytes
+        if pinned == 0:
+            return "pageable"
+        if pinned == total:
+            return "pinned"
+        return f"{pinned // self._host_flat[0].numel()} of {len(self._host_flat)} blocks pinned, the rest pageable (max_pinned_bytes)"
+
+    def _stored_formats(self, refs: list[list[TensorRef]], weights: WeightSource | None) -> list[list[StoredFormat | None]] | None:
+        """Each block tensor's stored format (None: kept in its compute dtype), or None when no tensor is narrow.
+        The narrow tensors must be the same ones, in the same dtypes, in every block (one stored layout); their
+        scales may differ."""
+        stored_format = getattr(weights, "stored_format", None)
+        if stored_format is None:
+            return None
+        formats = [
+            [stored_format(f"{self._blocks_name}.{i}.{ref.name}", ref.get()) for ref in block_refs]
+            for i, block_refs in enumerate(refs)
+        ]
+        if not any(f is not None for block in formats for f in block):
+            return None
+
+        def shape(f: StoredFormat | None):
+            return None if f is None else (f.dtype, f.scale is not None)
+
+        for i, block in enumerate(formats[1:], start=1):
+            for ref, first, this in zip(refs[i], formats[0], block):
+                if shape(first) != shape(this):
+                    raise ValueError(
+                        f"{self._blocks_name}.{i}.{ref.name} is stored as {shape(this)} but as {shape(first)} in block "
+                        "0: every block must be stored alike to stream through the same slots"
+                    )
+        return formats
+
+    def _fill_host_copies(
+        self, refs: list[list[TensorRef]], weights: WeightSource | None, formats: list[list[StoredFormat | None]] | None
+    ) -> None:
         fill = weights or _copy_current
         fill_many = getattr(weights, "fill_many", None)
         for i, block_refs in enumerate(refs):
             prefix = f"{self._blocks_name}.{i}."
+            # Stored narrow: the views have the stored dtypes, and the source writes the stored bytes as they are.
             items = [(prefix + ref.name, ref.get(), view) for ref, view in zip(block_refs, self._host_views[i])]
             if fill_many is not None:
                 fill_many(items)  # e.g. concurrent file reads
             else:
                 for item in items:
                     fill(*item)
+            if self.staged is not None:
+                self.staged.fill_scales(self._host_flat[i], formats[i])
             # Block by block, so an adopted model's own CPU copy is released as the arena fills: host memory peaks
             # at one model plus one block, not two models.
-            for ref, view in zip(block_refs, self._host_views[i]):
+            for ref, view in zip(block_refs, self._resting_views[i]):
                 ref.rebind(view)
+
+    def _fill_host_modules(self, weights: WeightSource | None) -> None:
+        """Host modules of a model built on the meta device get host memory filled from ``weights`` (widened, if
+        stored narrow: they compute on the CPU); those of an adopted model keep their tensors. A tensor shared by
+        several (tied embeddings) is filled once, under its first name, and stays shared."""
+        if weights is None:
+            return
+        names = {id(m): n for n, m in self.model.named_modules()}
+        groups: dict[int, list[tuple[str, TensorRef]]] = {}
+        for module in self._host_modules:
+            for ref in tensor_refs(module, unique=False):
+                groups.setdefault(id(ref.get()), []).append((f"{names[id(module)]}.{ref.name}", ref))
+        for group in groups.values():
+            name, first = group[0]
+            current = first.get()
+            if current.is_meta:
+                dest = torch.empty(current.shape, dtype=current.dtype)
+                weights(name, current, dest)
+                registered = first.rebind(dest)
+                for _, ref in group[1:]:
+                    (ref.owner._parameters if ref.is_param else ref.owner._buffers)[ref.attr] = registered
 
     def _abandon(self) -> None:
         """Undo a construction that failed half-way: no hook, nothing on the GPU, nothing pinned. Blocks already
@@ -405,13 +496,16 @@ class LayerwiseOffloader:
             torch.cuda.synchronize(self.device)
         with torch.inference_mode(False), torch.no_grad():
             for i in demoted:
-                self._point(i, self._host_views[i])
+                self._point(i, self._resting_views[i])
                 del self._resident_flat[i]
             for i, resident in enumerate(mask):
                 if resident and i not in self._resident_flat:
                     flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
                     # Current stream, async from pinned memory; the arena is never written after construction.
-                    flat.copy_(self._host_flat[i], non_blocking=True)
+                    if self.staged is not None:
+                        self.staged.decode_copy(self._host_flat[i], flat)  # widened once, here
+                    else:
+                        flat.copy_(self._host_flat[i], non_blocking=True)
                     self._resident_flat[i] = flat
                     self._point(i, [s.view_into(flat) for s in self.layout.slots])
             self._resident_mask = tuple(mask)
@@ -420,7 +514,7 @@ class LayerwiseOffloader:
             for position, i in enumerate(self._streamed):
                 self._position[i] = position
             if self._streamed and self._slots is None:
-                self._slots = BlockSlots(nbytes, self.prefetch_depth + 1, self.device)
+                self._slots = BlockSlots(nbytes, self.prefetch_depth + 1, self.device, staged=self.staged)
                 self._slot_views = [[s.view_into(buf) for s in self.layout.slots] for buf in self._slots.buffers]
             elif not self._streamed and self._slots is not None:
                 self._slots.close()
@@ -463,7 +557,7 @@ class LayerwiseOffloader:
     def _recover(self) -> None:
         index, slot = self._active
         self._active = None
-        self._point(index, self._host_views[index])
+        self._point(index, self._resting_views[index])
         # Kernels of the aborted block may still read the slot: record "free" after everything enqueued so far.
         self._slots.release(slot)
         self._free.append(slot)
@@ -495,7 +589,7 @@ class LayerwiseOffloader:
         if active is None or active[0] != index:
             return
         self._active = None
-        self._point(index, self._host_views[index])
+        self._point(index, self._resting_views[index])
         # "Slot free" once this block's kernels, all enqueued by now, have run; the next copy into it waits for that.
         self._slots.release(active[1])
         self._free.append(active[1])
@@ -578,7 +672,7 @@ class LayerwiseOffloader:
         if not tensors:
             return "host"
         first = tensors[0]
-        if inside(first, self._host_flat[index]):
+        if inside(first, self._host_flat[index]) or first.data_ptr() == self._resting_views[index][0].data_ptr():
             return "host"
         if index in self._resident_flat and inside(first, self._resident_flat[index]):
             return "resident"
@@ -597,7 +691,7 @@ class LayerwiseOffloader:
             torch.cuda.synchronize(self.device)  # one-off: nothing in flight may still read what is freed
         with torch.inference_mode(False), torch.no_grad():
             for i in list(self._resident_flat):
-                self._point(i, self._host_views[i])
+                self._point(i, self._resting_views[i])
             for t in self._non_block:
                 if t.device.type != "cpu":
                     t.data = t.data.to("cpu")
@@ -627,21 +721,25 @@ class LayerwiseOffloader:
             resident_blocks=num_blocks - len(self._streamed),
             streamed_blocks=len(self._streamed),
             prefetch_depth=self.prefetch_depth,
-            block_bytes=self.layout.nbytes,
+            block_bytes=self._host_flat[0].numel(),
+            device_block_bytes=self.layout.nbytes,
+            stored_narrow=self.staged is not None,
             host_bytes=self._arena.nbytes,
-            pinned_bytes=self._arena.nbytes if self._arena.pinned else 0,
+            pinned_bytes=self._arena.pinned_bytes,
             slot_bytes=self._slots.total_bytes if self._slots else 0,
             resident_bytes=len(self._resident_flat) * self.layout.nbytes,
             non_block_bytes=0 if self._closed or self._released else sum(t.numel() * t.element_size() for t in self._non_block),
             transfers=self._transfers,
-            transferred_bytes=self._transfers * self.layout.nbytes,
+            transferred_bytes=self._transfers * self._host_flat[0].numel(),
             forwards=self._forwards,
             recoveries=self._recoveries,
         )
 
     def close(self) -> None:
         """Remove the hooks, point every block at its host copy, move the other weights back to the CPU, free the
-        GPU slots and resident blocks, and unpin. The model is then a plain CPU module. Idempotent."""
+        GPU slots and resident blocks, and unpin. The model is then a plain CPU module - except for blocks stored
+        narrow, whose tensors keep their NaN placeholders (there is no compute-dtype host copy to return to: load
+        the model again to run it). Idempotent."""
         if self._closed:
             return
         self._stop_streaming()
@@ -649,7 +747,7 @@ class LayerwiseOffloader:
         self._queue.clear()
         with torch.inference_mode(False), torch.no_grad():
             for i in range(len(self.blocks)):
-                self._point(i, self._host_views[i])
+                self._point(i, self._resting_views[i])
             for t in self._non_block:
                 if t.device.type != "cpu":
                     t.data = t.data.to("cpu")

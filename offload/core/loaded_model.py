@@ -31,7 +31,8 @@ class ModelResources:
     placers: dict[str, Any] = field(default_factory=dict)
     """``ModulePlacer`` per whole-module component (VAE, encoders, resident DiTs)."""
     offloaders: dict[str, Any] = field(default_factory=dict)
-    """``LayerwiseOffloader`` per DiT in layerwise mode."""
+    """``LayerwiseOffloader`` per streamed component: DiTs in layerwise mode, and a text encoder stored narrow
+    (fp8) computed on the CPU from its stored form."""
     offloader_keys: dict[str, tuple] = field(default_factory=dict)
     worker_group: Any = None
     """The FSDP worker group while the DiTs are sharded over GPUs."""

@@ -28,6 +28,7 @@ from ..dtypes import resolve_precision
 from ..errors import OffloadOutOfMemoryError
 from .auto_offload import config_at_level, describe, levels_for
 from .devices import default_device, resolve_device  # noqa: F401 - default_device stays importable from here
+from .host_memory import default_pin_limit
 from .layerwise import LayerwiseOffloader
 from .loaded_model import LoadedModel
 from .memory_guard import BudgetExceeded, available_device_bytes, oom_guard
@@ -149,15 +150,33 @@ class OffloadManager:
 
     # ---------------------------------------------------------------- placement
 
-    def _placer(self, model: LoadedModel, name: str, pin: bool) -> ModulePlacer:
+    def _placer(self, model: LoadedModel, name: str, pin: bool, config: OffloadConfig | None = None) -> ModulePlacer:
         placers = model.resources.placers
         placer = placers.get(name)
         if placer is None or placer.pin_requested != pin:
             if placer is not None:
                 placer.close()
-            placer = ModulePlacer(f"{model.name}/{name}", self.component(model, name), pin=pin)
+            allowance = self.pin_allowance(config) if config is not None and pin else None
+            placer = ModulePlacer(f"{model.name}/{name}", self.component(model, name), pin=pin,
+                                  max_pinned_bytes=allowance)
             placers[name] = placer
         return placer
+
+    def pinned_bytes(self) -> int:
+        """Host memory this manager's models have page-locked now (arenas of whole components and of streamed
+        blocks; worker processes pin their own)."""
+        total = 0
+        for model in self.models():
+            resources = model.resources
+            total += sum(placer.arena.pinned_bytes for placer in resources.placers.values())
+            total += sum(offloader.stats().pinned_bytes for offloader in resources.offloaders.values())
+        return total
+
+    def pin_allowance(self, config: OffloadConfig) -> int:
+        """How much more may be pinned under ``max_pinned_memory_gb`` (``auto``: ``host_memory.PIN_SHARE_OF_RAM`` of
+        RAM), counting what this manager has pinned already."""
+        limit = default_pin_limit() if config.max_pinned_memory_gb == "auto" else config.max_pinned_memory_gb * 2**30
+        return max(0, limit - self.pinned_bytes())
 
     def _place(self, model: LoadedModel, name: str, placer: ModulePlacer, keep: bool) -> None:
         if placer.device_buffer is not None:
@@ -192,12 +211,17 @@ class OffloadManager:
             return
         cpu_offload = getattr(config, OFFLOAD_OPTION_OF_ROLE[role])
         if role is Role.TEXT_ENCODER and cpu_offload:
-            module = self.component(model, name)
             self._log_once(f"{model.name}/{name}: weights and compute on CPU (text_encoder_cpu_offload)")
-            model.resources.drop_layerwise(name)
+            streamed = model.resources.offloaders.get(name)
+            if streamed is not None and streamed.device.type != "cpu":
+                model.resources.drop_layerwise(name)  # streamed through the device before
             placer = model.resources.placers.get(name)
             if placer is not None:
                 placer.to_host()
+            if model.source.narrow_weights(name):
+                module = self._streamed_on_cpu(model, name)
+            else:
+                module = self.component(model, name)
             self._record(model, name, Placement.HOST_PAGEABLE, "cpu")
             yield module, torch.device("cpu")
             return
@@ -213,7 +237,7 @@ class OffloadManager:
         module = self.component(model, name)
         model.resources.drop_layerwise(name)
         with self._lock, oom_guard(f"{name} on {self.device}", config, self.device):
-            placer = self._placer(model, name, pin=config.pin_cpu_memory)
+            placer = self._placer(model, name, pin=config.pin_cpu_memory, config=config)
             self._place(model, name, placer, keep=not cpu_offload)
             self._record(model, name, Placement.GPU, self.device)
             try:
@@ -249,7 +273,7 @@ class OffloadManager:
             if not config.dit_layerwise_offload:
                 model.resources.drop_layerwise(name)
                 dit = self.component(model, name)
-                self._place(model, name, self._placer(model, name, config.pin_cpu_memory), keep=True)
+                self._place(model, name, self._placer(model, name, config.pin_cpu_memory, config), keep=True)
                 self._record(model, name, Placement.GPU, self.device)
                 yield dit
                 return
@@ -267,7 +291,7 @@ class OffloadManager:
     def _place_layerwise(self, model: LoadedModel, name: str, config: OffloadConfig, resident_blocks) -> nn.Module:
         """Component ``name`` (a DiT, or a streamed text encoder) with its blocks streaming from host memory."""
         resources = model.resources
-        key = (config.pin_cpu_memory, config.prefetch_depth, resident_blocks)
+        key = (config.pin_cpu_memory, config.prefetch_depth, resident_blocks, config.max_pinned_memory_gb)
         if name in resources.offloaders and resources.offloader_keys[name] == key:
             return resources.offloaders[name].model
         resources.drop_layerwise(name)
@@ -275,26 +299,34 @@ class OffloadManager:
         if placer is not None:
             placer.close()  # unpinned; the module's tensors are its (then pageable) arena views, adopted below
         component = model.spec.component(name)
+        narrow = model.source.narrow_weights(name)
         options = dict(
             pin_cpu_memory=config.pin_cpu_memory,
             prefetch_depth=config.prefetch_depth,
             resident_blocks=resident_blocks,
             host_modules=component.host_modules,
+            max_pinned_bytes=self.pin_allowance(config) if config.pin_cpu_memory else None,
         )
-        if name in model.components or component.role is not Role.DIT:
+        if not narrow and (name in model.components or component.role is not Role.DIT):
             # Adopt the module loaded in host memory (its tensors move into the arena block by block).
             module = self.component(model, name)
             _, blocks = find_block_list(module)
             offloader = LayerwiseOffloader(module, blocks, self.device, **options)
         else:
-            # A DiT straight from the files into the pinned host arena: never whole in memory twice.
+            # Straight from the files into the pinned host arena: never whole in memory twice. Stored narrow (fp8):
+            # the arena keeps the stored bytes and the blocks are widened on the device, so the model lives only in
+            # its offloader (a whole widened copy, if one was loaded for resident use, is dropped).
             dtype = model.dtypes.get(name)
             with model.source.weights(component, dtype) as weights:
                 module = model.source.empty_model(component, dtype)
                 weights.apply_dtypes(module)
                 _, blocks = find_block_list(module)
                 offloader = LayerwiseOffloader(module, blocks, self.device, weights=weights, **options)
-            model.components[name] = offloader.model.requires_grad_(False)
+            offloader.model.requires_grad_(False)
+            if narrow:
+                model.components.pop(name, None)
+            else:
+                model.components[name] = offloader.model
         resources.offloaders[name], resources.offloader_keys[name] = offloader, key
         try:
             self._reserve(0)  # the offloader's slots and non-block weights now count against the budget
@@ -306,6 +338,33 @@ class OffloadManager:
             "%s/%s: layerwise, %d of %d blocks stream from %s host memory (%.2f GiB), %d resident, prefetch depth %d",
             model.name, name, stats.streamed_blocks, stats.num_blocks, "pinned" if stats.pinned_bytes else "pageable",
             stats.host_bytes / 2**30, stats.resident_blocks, stats.prefetch_depth,
+        )
+        return offloader.model
+
+    def _streamed_on_cpu(self, model: LoadedModel, name: str) -> nn.Module:
+        """A component stored narrow (an fp8 text encoder), computed on the CPU: its blocks stay fp8 in host memory
+        and each is widened into a CPU slot just before it runs - the layerwise pipeline with ``device="cpu"`` - so
+        host memory holds about one byte per parameter instead of two or four."""
+        resources = model.resources
+        offloader = resources.offloaders.get(name)
+        if offloader is not None and offloader.device.type == "cpu":
+            return offloader.model
+        resources.drop_layerwise(name)
+        component = model.spec.component(name)
+        dtype = model.dtypes.get(name)
+        with model.source.weights(component, dtype) as weights:
+            module = model.source.empty_model(component, dtype)
+            weights.apply_dtypes(module)
+            _, blocks = find_block_list(module)
+            offloader = LayerwiseOffloader(module, blocks, torch.device("cpu"), pin_cpu_memory=False, weights=weights)
+        module.requires_grad_(False)
+        model.components.pop(name, None)
+        resources.offloaders[name], resources.offloader_keys[name] = offloader, ("cpu",)
+        stats = offloader.stats()
+        logger.info(
+            "%s/%s: computed on the CPU from its stored form: %d blocks, %.2f GiB in host memory, each widened to "
+            "%.1f MiB just before it runs", model.name, name, stats.num_blocks, stats.host_bytes / 2**30,
+            stats.device_block_bytes / 2**20,
         )
         return offloader.model
 
@@ -342,6 +401,8 @@ class OffloadManager:
             resources = model.resources
             total += sum(p.nbytes for p in resources.placers.values() if p.device_buffer is not None)
             for offloader in resources.offloaders.values():
+                if offloader.device != self.device:
+                    continue  # a component streamed on the CPU (an fp8 text encoder under CPU offload)
                 stats = offloader.stats()
                 total += stats.slot_bytes + stats.resident_bytes + stats.non_block_bytes
         return total
@@ -374,18 +435,28 @@ class OffloadManager:
         records = []
         for model in self.models():
             resources = model.resources
-            for name, obj in list(model.components.items()):
+            components = dict(model.components)
+            for name, offloader in list(resources.offloaders.items()):
+                components.setdefault(name, offloader.model)  # stored narrow: the model lives in its offloader
+            for name, obj in components.items():
                 if not isinstance(obj, nn.Module):
                     continue
                 placer = resources.placers.get(name)
-                if name in resources.offloaders:
+                offloader = resources.offloaders.get(name)
+                nbytes = tensor_bytes(obj)
+                if offloader is not None:
                     placement = Placement.LAYERWISE
+                    stats = offloader.stats()
+                    if stats.stored_narrow:  # what it holds: its blocks as stored, the rest widened
+                        nbytes = stats.host_bytes + stats.non_block_bytes
                 elif placer is not None:
                     placement = placer.placement
                 else:
                     placement = Placement.HOST_PAGEABLE
                 device = str(self.device) if placement in (Placement.GPU, Placement.LAYERWISE) else "cpu"
-                records.append(PlacementRecord(model.name, name, tensor_bytes(obj), placement, device))
+                if offloader is not None:
+                    device = str(offloader.device)
+                records.append(PlacementRecord(model.name, name, nbytes, placement, device))
             if resources.worker_group is not None:
                 # The DiTs live only in the workers, sharded; their size is that of their stored weights.
                 for name in resources.worker_group.sharded:

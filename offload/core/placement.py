@@ -37,13 +37,17 @@ class ModulePlacer:
     drops it.
     """
 
-    def __init__(self, name: str, module: nn.Module, pin: bool):
+    def __init__(self, name: str, module: nn.Module, pin: bool, max_pinned_bytes: int | None = None):
         self.name = name
         self.module = module
         self.pin_requested = pin
         named = named_tensors(module)
         self.layout = FlatLayout.of(named)
-        self.arena = HostArena(self.layout.nbytes, pin=pin)
+        fits = max_pinned_bytes is None or self.layout.nbytes <= max_pinned_bytes
+        if pin and not fits:
+            logger.info("%s: %.2f GiB stays pageable: pinning it would exceed max_pinned_memory_gb", name,
+                        self.layout.nbytes / 2**30)
+        self.arena = HostArena(self.layout.nbytes, pin=pin and fits)
         for slot, (tensor_name, tensor) in zip(self.layout.slots, named):
             view = slot.view_into(self.arena.buffer)
             view.copy_(tensor.detach())

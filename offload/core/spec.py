@@ -12,6 +12,11 @@ pipeline it reads. The spec says
 - **its steps** (encode text and images, build the noise predictor, decode) and **its parallel plan** for the
   worker group (``parallelize``), plus the methods its workers serve.
 
+- **its single files** (``ModelSpec.files``): what one file of each component looks like - recognised from its keys
+  and shapes, mapped to the diffusers/transformers names, configured - and where the components no file carries
+  come from (a tokenizer stored inside the text encoder's file, a default scheduler config). The generic adapter
+  (``weights.single_files``) reads files through these declarations and knows no model.
+
 Everything else - which module is a "block" to stream or shard - is read from what diffusers models already
 declare (``_repeated_blocks``, ``_no_split_modules``, ``_keep_in_fp32_modules``): see :func:`find_block_list`.
 """
@@ -22,7 +27,7 @@ import enum
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -168,8 +173,77 @@ class LatentSpace:
         return (raw - mean) * inverse_std
 
 
+class FileTensor(NamedTuple):
+    """One tensor of a single file, as its header describes it (no data read)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class NotThisFile(ValueError):
+    """Raised by :meth:`SingleFileFormat.recognise`: the file is not of that format; the message says why (what it
+    lacks, or what it is instead)."""
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """A recognised single file: the class and config to build, and where each of the model's tensors is stored."""
+
+    kind: str
+    """What the file was recognised as, for logs and messages (``Wan2.1 T2V 14B DiT``)."""
+    class_name: str
+    """One of the component's allowed classes."""
+    config: Mapping[str, Any]
+    """Arguments of that class's config (diffusers ``from_config``; transformers ``config_class``)."""
+    keys: Mapping[str, str]
+    """Model tensor name -> key in the file. Keys the model does not use are ignored."""
+
+
+class SingleFileFormat(Protocol):
+    """What a single file of one component looks like (declared by a family, per component)."""
+
+    expected: str
+    """The file a user should pick, for messages: ``a Wan2.1 DiT (diffusion_models/wan2.1_t2v_14B_fp8_scaled...)``."""
+
+    def recognise(self, tensors: Mapping[str, FileTensor]) -> FileLayout:
+        """The layout of a file with these tensors, or :class:`NotThisFile`. ``tensors`` excludes the bookkeeping
+        of ComfyUI's scaled fp8 files (``scaled_fp8``, ``*.scale_weight``, ``*.scale_input``), which the adapter
+        handles for every format."""
+
+
+@dataclass(frozen=True)
+class EmbeddedIn:
+    """A component no file of its own carries, stored as one tensor inside another component's file (ComfyUI keeps
+    the UMT5 tokenizer, a sentencepiece model, in the text encoder's file as the uint8 tensor ``spiece_model``).
+    When that other component comes from a Diffusers folder, this one comes from the same folder."""
+
+    component: str
+    key: str
+    class_name: str
+    build: Callable[[bytes], Any]
+    """The tensor's bytes -> the component."""
+    missing: str
+    """What to do when the file lacks the tensor (which file to use instead)."""
+
+
+@dataclass(frozen=True)
+class DefaultConfig:
+    """A component without weights that single files do not carry (a scheduler, an image processor): built from a
+    config the family derives from the other components' configs. When ``follows`` comes from a Diffusers folder
+    that has this component, the folder's own is used instead."""
+
+    follows: str
+    class_name: str
+    config: Callable[[Callable[[str], dict]], dict]
+    """``config(config_of)``: the config, given ``config_of(component)`` for the other components."""
+
+
+ComponentFiles = SingleFileFormat | EmbeddedIn | DefaultConfig
+
+
 class ModelSource(Protocol):
-    """Where a model's components come from (a Diffusers folder; single files next). Implemented in ``weights``."""
+    """Where a model's components come from: a Diffusers folder, or single files (any of them possibly from a
+    Diffusers folder). Implemented in ``weights``."""
 
     @property
     def name(self) -> str: ...
@@ -180,6 +254,9 @@ class ModelSource(Protocol):
     def class_name(self, component: str) -> str: ...
     def config(self, component: str) -> dict: ...
     def weight_bytes(self, component: str) -> int: ...
+    def narrow_weights(self, component: str) -> bool:
+        """Whether the component is stored narrower than it computes (fp8): it is then kept so in host memory and
+        streamed block by block (widened on the compute device) rather than loaded whole."""
     def load(self, component: ComponentSpec, dtype: torch.dtype | None) -> Any:
         """The whole component in host memory (tokenizers, processors and scheduler configs included)."""
     def weights(self, component: ComponentSpec, dtype: torch.dtype | None) -> Any:
@@ -247,6 +324,9 @@ class ModelSpec:
     memory_model: Callable[[ModelSource], Any] | None = None
     """Optional: the family's per-token and per-pixel memory figures (``core.memory_estimate.MemoryModel``) for the
     estimate made before a job starts; without one only the host-side check runs."""
+    files: Mapping[str, ComponentFiles] = field(default_factory=dict)
+    """How a model of this pipeline is read from single files, per component (empty: folders only). The DiT's
+    format also picks the spec: the first registered spec whose DiT format recognises a file reads it."""
 
     def component(self, name: str) -> ComponentSpec:
         for component in self.components:

@@ -266,7 +266,7 @@ class Worker:
         spec = self.spec
         started = time.perf_counter()
         self.model_spec = load_family_spec(spec)
-        self.source = open_source(json.loads(spec.source))
+        self.source = open_source(json.loads(spec.source), self.model_spec)
         plan = ParallelPlan.choose(dist.get_world_size(), spec.parallel)
         pin = spec.pin_cpu_memory and self.device.type == "cuda"  # pinning needs a CUDA driver
         placement, weight_bytes, block_bytes, total_bytes = {}, 0, 0, 0

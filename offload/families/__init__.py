@@ -10,9 +10,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..core.spec import ModelSpec
+from ..core.spec import ModelSpec, NotThisFile, Role
 from ..errors import ModelLoadError
 from ..weights.diffusers_folder import DiffusersFolder
+from ..weights.single_files import SingleFiles, is_bookkeeping, read_single_file
 
 _lock = threading.Lock()
 _specs: list[ModelSpec] = []
@@ -69,6 +70,50 @@ def open_model(path: Any) -> tuple[DiffusersFolder, ModelSpec]:
     if spec.check_configs is not None:
         spec.check_configs(folder)  # configs vs bounds and headers, before anything is built
     return folder, spec
+
+
+def open_files(files: dict[str, Any]) -> tuple[SingleFiles, ModelSpec]:
+    """Check a model given as one file per component (``dit``, ``text_encoder``, ``vae``, ``image_encoder``), each
+    a single ``.safetensors`` file as ComfyUI keeps them or a Diffusers folder; return its source and spec.
+
+    The DiT decides the model: a folder by its ``model_index.json``, a file by the first registered spec whose DiT
+    format recognises it. Reads headers only; raises ``ModelLoadError`` naming the file, what it is and the fix.
+    """
+    dit = files.get("dit")
+    if dit in (None, ""):
+        raise ModelLoadError("dit is missing: a model needs its DiT. Fix: pass dit= a diffusion_models file or a "
+                             "Diffusers folder.")
+    if isinstance(dit, (str, Path)) and Path(dit).expanduser().is_dir():
+        folder = DiffusersFolder.open(dit, folder_hint())
+        spec = spec_for_index(folder.index, folder.path)
+    else:
+        spec = spec_for_dit_file(dit)
+    return SingleFiles.open(spec, files), spec
+
+
+def spec_for_dit_file(path: Any) -> ModelSpec:
+    """The registered spec whose DiT format recognises the file (the most recently registered first)."""
+    file, entries = read_single_file(path, "dit")
+    from ..core.spec import FileTensor
+
+    tensors = {k: FileTensor(e.shape, e.dtype) for k, e in entries.items() if not is_bookkeeping(k)}
+    reasons = []
+    for spec in reversed(registered()):
+        dit = spec.first(Role.DIT)
+        fmt = spec.files.get(dit.name) if dit is not None else None
+        if fmt is None or not hasattr(fmt, "recognise"):
+            continue
+        try:
+            fmt.recognise(tensors)
+        except NotThisFile as e:
+            reasons.append((fmt.expected, str(e)))
+            continue
+        return spec
+    if not reasons:
+        raise ModelLoadError(f"{file}: no registered model family reads single files.")
+    expected = " or ".join(dict.fromkeys(e for e, _ in reasons))
+    why = reasons[0][1]
+    raise ModelLoadError(f"{file} is not a DiT this pack runs ({why}). Fix: pick {expected}.")
 
 
 from . import wan  # noqa: E402,F401 - the built-in families register themselves

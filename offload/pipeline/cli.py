@@ -38,15 +38,25 @@ def _int_or_auto(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
+def _help(spec) -> str:
+    return f"{spec.doc} (default {spec.default})".replace("%", "%%")  # argparse formats help with %
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m video_offload", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="render a video from a text prompt")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-path", help="a Diffusers-format Wan2.1 folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
+    source.add_argument("--dit", help="single files instead of a folder: the DiT (ComfyUI's diffusion_models/, e.g. "
+                                      "wan2.1_t2v_14B_fp8_scaled.safetensors); needs --text-encoder and --vae")
     source.add_argument(
         "--demo", action="store_true", help="build a tiny random-weight model locally and render from it (seconds, CPU)"
     )
+    gen.add_argument("--text-encoder", help="with --dit: the text encoder file (umt5_xxl_fp8_e4m3fn_scaled.safetensors)"
+                                            " or a Diffusers folder")
+    gen.add_argument("--vae", help="with --dit: the VAE file (wan_2.1_vae.safetensors) or a Diffusers folder")
+    gen.add_argument("--image-encoder", help="with --dit, image-to-video: the CLIP vision file (clip_vision_h.safetensors)")
     gen.add_argument("--prompt", default="A curious raccoon peers through a vibrant field of yellow sunflowers.")
     gen.add_argument("--negative-prompt", default="")
     defaults = SamplingParams()
@@ -61,13 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     for spec in option_specs():  # one declaration: OffloadConfig's fields
         if spec.kind == "bool":
             offload.add_argument(spec.flag, type=_bool, nargs="?", const=True, default=spec.default, metavar="BOOL",
-                                 help=f"{spec.doc} (default {spec.default})")
+                                 help=_help(spec))
         elif spec.kind == "choice":
-            offload.add_argument(spec.flag, choices=spec.choices, default=spec.default,
-                                 help=f"{spec.doc} (default {spec.default})")
+            offload.add_argument(spec.flag, choices=spec.choices, default=spec.default, help=_help(spec))
         else:
             offload.add_argument(spec.flag, type=_int_or_auto if spec.auto else int, default=spec.default,
-                                 metavar='N|auto' if spec.auto else "N", help=f"{spec.doc} (default {spec.default})")
+                                 metavar='N|auto' if spec.auto else "N", help=_help(spec))
     offload.add_argument("--precision", default="auto", choices=PRECISIONS)
     offload.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     return parser
@@ -84,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             model_path = demo_model()
             sizes = {k: (DEMO_SETTINGS.get(k) if v is None else v) for k, v in sizes.items()}
+        elif args.dit:
+            missing = [flag for flag, value in (("--text-encoder", args.text_encoder), ("--vae", args.vae)) if not value]
+            if missing:
+                print(f"error: --dit needs {' and '.join(missing)} (the model's other single files)", file=sys.stderr)
+                return 2
+            model_path = {"dit": args.dit, "text_encoder": args.text_encoder, "vae": args.vae,
+                          "image_encoder": args.image_encoder}
         else:
             model_path = Path(args.model_path)
         sizes = {k: v for k, v in sizes.items() if v is not None}

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 class VideoGenerator:
     """A loaded model plus its offload configuration."""
 
-    def __init__(self, model_path: str | Path, config: OffloadConfig, precision: Precision, manager: OffloadManager):
+    def __init__(
+        self, model_path: str | Path | dict[str, Any], config: OffloadConfig, precision: Precision, manager: OffloadManager
+    ):
         self.config = config
         self.manager = manager
         self.model = load_model(manager, model_path, precision)
@@ -62,6 +64,30 @@ class VideoGenerator:
             raise ConfigError("device", device, f"differs from the given manager's device ({manager.device})",
                               "pass either device or manager")
         return cls(model_path, config, precision_config, manager)
+
+    @classmethod
+    def from_files(
+        cls,
+        dit: str | Path,
+        text_encoder: str | Path,
+        vae: str | Path,
+        image_encoder: str | Path | None = None,
+        num_gpus: int = 1,
+        *,
+        precision: str = "auto",
+        vae_precision: str = "float32",
+        device: str | None = None,
+        manager: OffloadManager | None = None,
+        **options: Any,
+    ) -> VideoGenerator:
+        """A model given as the single files ComfyUI users have (``diffusion_models/wan2.1_t2v_14B_fp8_scaled
+        .safetensors``, ``text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors``, ``vae/wan_2.1_vae.safetensors``,
+        and for image-to-video ``clip_vision/clip_vision_h.safetensors``); any of them may be a Diffusers folder
+        instead. The kind of model is recognised from the DiT's keys and shapes. fp8 weights stay fp8 in host
+        memory and are widened on the GPU. Options as :meth:`from_pretrained`; no weight is read yet."""
+        files = {"dit": dit, "text_encoder": text_encoder, "vae": vae, "image_encoder": image_encoder}
+        config = make_offload_config(num_gpus=num_gpus, **options)
+        return cls(files, config, Precision(dit=precision, vae=vae_precision), manager or OffloadManager(device))
 
     def generate_video(
         self,

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,18 @@ from ..core.memory_estimate import MemoryEstimate, check_fits, decode_parts, dit
 from ..core.spec import LatentSpace, Role
 from ..core.tensors import tensor_bytes
 from ..errors import ConfigError, OffloadOutOfMemoryError
-from ..families import open_model
+from ..families import open_files, open_model
 
 logger = logging.getLogger(__name__)
 
 
-def load_model(manager: OffloadManager, path: str | Path, precision: Precision = Precision()) -> LoadedModel:
-    """Check a model folder of any registered family and register it (fast: no weight is read)."""
-    source, spec = open_model(path)
+def load_model(
+    manager: OffloadManager, path: str | Path | Mapping[str, Any], precision: Precision = Precision()
+) -> LoadedModel:
+    """Check a model of any registered family and register it (fast: no weight is read). ``path`` is a Diffusers
+    folder, or a mapping of single files per component (``{"dit": ..., "text_encoder": ..., "vae": ...,
+    "image_encoder": ...}``, any of them a Diffusers folder instead: ``families.open_files``)."""
+    source, spec = open_files(dict(path)) if isinstance(path, Mapping) else open_model(path)
     return manager.register(source, spec, precision)
 
 

@@ -61,18 +61,20 @@ class DiffusersFolder:
 
     @classmethod
     def open(cls, path: Any, hint: str) -> DiffusersFolder:
-        """Check that ``path`` is a folder with a readable ``model_index.json``; ``hint`` says what to point at."""
+        """Check that ``path`` is a folder with a readable ``model_index.json``; ``hint`` says what to point at.
+        A Hugging Face cache folder (``models--Org--Name``, holding ``snapshots/<hash>/``) means its snapshot."""
         if not isinstance(path, (str, Path)) or not str(path).strip():
             raise ModelLoadError(f"model_path={path!r} is not a folder path. Fix: {hint}.")
-        root = Path(path).expanduser()
+        root = hf_cache_snapshot(Path(path).expanduser())
         if not root.exists():
             raise ModelLoadError(f"model_path={str(root)!r} does not exist. Fix: {hint}.")
         if not root.is_dir():
             if root.suffix in PICKLE_SUFFIXES:
                 raise ModelLoadError(pickle_message(root))
             raise ModelLoadError(
-                f"model_path={str(root)!r} is a file, not a folder. Single-file checkpoints are not supported. "
-                f"Fix: {hint}."
+                f"model_path={str(root)!r} is a file, not a folder. Fix: {hint}; or load single files (ComfyUI's "
+                "diffusion_models, text_encoders, vae files) with VideoGenerator.from_files(dit=..., text_encoder=..., "
+                "vae=...) or --dit/--text-encoder/--vae."
             )
         index_path = root / "model_index.json"
         if not index_path.exists():
@@ -86,35 +88,40 @@ class DiffusersFolder:
 
     def check(self, spec: ModelSpec) -> None:
         """Every component the spec needs is present, names an allowed class, and has whole safetensors files."""
-        index_path = self.path / "model_index.json"
         for component in spec.components:
-            entry = self.index.get(component.name)
-            if entry is None and component.optional:
+            if self.index.get(component.name) is None and component.optional:
                 continue
-            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) and entry[1]):
-                raise ModelLoadError(
-                    f"{index_path} has no '{component.name}' component. Fix: use a complete {spec.pipeline_class} folder."
-                )
-            if entry[1] not in component.classes:
-                raise ModelLoadError(
-                    f"{index_path}: component '{component.name}' is a {entry[1][:80]!r}; expected one of "
-                    f"{sorted(component.classes)}. Fix: use an official {spec.family} Diffusers folder."
-                )
-            folder = self.path / component.name
-            if not folder.is_dir():
-                raise ModelLoadError(
-                    f"{self.path} is incomplete: the '{component.name}/' folder is missing. Fix: download it again."
-                )
-            # Before any file in it is opened (by us, or by transformers' tokenizer and processor loaders).
-            check_component_files(folder, confinement_root(self.path))
-            if component.role.has_weights:
-                check_weights(folder)
-                self._check_weight_dtypes(component.name)
-                self._check_config_class(component.name, entry[1])
-            if component.role is Role.TOKENIZER and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-                raise ModelLoadError(
-                    f"{folder} has neither tokenizer.json nor spiece.model. Fix: download the tokenizer folder again."
-                )
+            self.check_component(component, spec)
+
+    def check_component(self, component: ComponentSpec, spec: ModelSpec) -> None:
+        """One component is present, names an allowed class, and has whole safetensors files (or tokenizer files)
+        - also when it is the only part of the folder a model uses (single files mixed with a folder)."""
+        index_path = self.path / "model_index.json"
+        entry = self.index.get(component.name)
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) and entry[1]):
+            raise ModelLoadError(
+                f"{index_path} has no '{component.name}' component. Fix: use a complete {spec.pipeline_class} folder."
+            )
+        if entry[1] not in component.classes:
+            raise ModelLoadError(
+                f"{index_path}: component '{component.name}' is a {entry[1][:80]!r}; expected one of "
+                f"{sorted(component.classes)}. Fix: use an official {spec.family} Diffusers folder."
+            )
+        folder = self.path / component.name
+        if not folder.is_dir():
+            raise ModelLoadError(
+                f"{self.path} is incomplete: the '{component.name}/' folder is missing. Fix: download it again."
+            )
+        # Before any file in it is opened (by us, or by transformers' tokenizer and processor loaders).
+        check_component_files(folder, confinement_root(self.path))
+        if component.role.has_weights:
+            check_weights(folder)
+            self._check_weight_dtypes(component.name)
+            self._check_config_class(component.name, entry[1])
+        if component.role is Role.TOKENIZER and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"{folder} has neither tokenizer.json nor spiece.model. Fix: download the tokenizer folder again."
+            )
 
     def _check_weight_dtypes(self, component: str) -> None:
         """Weights and biases are floating point; an integer or bool one would load and then fail deep in a
@@ -176,6 +183,9 @@ class DiffusersFolder:
 
     def weight_files(self, component: str) -> list[Path]:
         return folder_weight_files(self.path / component)
+
+    def narrow_weights(self, component: str) -> bool:
+        return False  # Diffusers folders are loaded as from_pretrained loads them
 
     def weight_bytes(self, component: str) -> int:
         return sum(entry.nbytes for entry in self.tensor_entries(component).values())
@@ -262,9 +272,29 @@ def check_weights(folder: Path) -> list[Path]:
     return files
 
 
-def open_source(description: dict) -> DiffusersFolder:
-    """Reopen a source from ``describe()`` (in a worker process)."""
-    if description.get("kind") != "diffusers_folder":
-        raise ModelLoadError(f"unknown model source kind {description.get('kind')!r}")
+def hf_cache_snapshot(root: Path) -> Path:
+    """``root`` itself, or for a Hugging Face cache folder (``models--Org--Name`` with ``snapshots/<hash>/``) the
+    snapshot that ``refs/main`` names, else its only (or newest) snapshot holding a ``model_index.json``."""
+    snapshots = root / "snapshots"
+    if (root / "model_index.json").exists() or not snapshots.is_dir():
+        return root
+    ref = root / "refs" / "main"
+    if ref.is_file():
+        named = snapshots / ref.read_text().strip()
+        if (named / "model_index.json").is_file():
+            return named
+    found = [s for s in snapshots.iterdir() if (s / "model_index.json").is_file()]
+    return max(found, key=lambda s: s.stat().st_mtime) if found else root
+
+
+def open_source(description: dict, spec: ModelSpec | None = None) -> Any:
+    """Reopen a source from ``describe()`` (in a worker process; single files need the model's ``spec``)."""
+    kind = description.get("kind")
+    if kind == "single_files" and spec is not None:
+        from .single_files import SingleFiles
+
+        return SingleFiles.open(spec, description["files"])
+    if kind != "diffusers_folder":
+        raise ModelLoadError(f"unknown model source kind {kind!r}")
     path = Path(description["path"])
     return DiffusersFolder(path, read_json_object(path / "model_index.json", "model_index.json"))

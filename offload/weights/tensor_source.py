@@ -11,6 +11,11 @@ The dtype rule is diffusers' (``load_model_dict_into_meta``): with a target dtyp
 it, except those whose name has a component listed in the class's ``_keep_in_fp32_modules`` (Wan: ``rope``,
 ``time_embedder``, ``scale_shift_table``, ``norm1``, ``norm2``, ``norm3``), which are cast to float32; integer and
 bool tensors keep the file's dtype. Without a target dtype every tensor takes the dtype the model was built with.
+
+Narrow stored tensors (fp8 single files, ``stored_format``) follow the same rule for their compute dtype; wherever
+they are filled into memory of that dtype they are widened with ComfyUI's rule (``stored_format.dequantize``:
+cast, then times the per-tensor scale), and a layerwise offloader may instead ask for their stored bytes
+(:meth:`SafetensorsWeights.stored_format`) to keep them narrow in host memory.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.stored_format import NARROW_FLOATS, StoredFormat, dequantize
 from ..core.tensors import tensor_refs
 from ..errors import ModelLoadError
 from .files import read_text
@@ -105,7 +111,9 @@ def build_empty_model(model_cls: type, config: dict, dtype: torch.dtype | None, 
 
     Uses the same two context managers as diffusers' ``from_pretrained`` (``no_init_weights`` and accelerate's
     ``init_empty_weights``), so a non-persistent buffer such as Wan's rope table is bit-identical to the one a
-    ``from_pretrained`` model has. Costs no host memory for the weights.
+    ``from_pretrained`` model has. Costs no host memory for the weights. Diffusers classes are built with
+    ``from_config(config)``; transformers classes from their ``config_class(**config)``, with shared weights tied
+    (UMT5's embedding) as their ``from_pretrained`` ties them.
     """
     try:
         from accelerate import init_empty_weights
@@ -119,10 +127,46 @@ def build_empty_model(model_cls: type, config: dict, dtype: torch.dtype | None, 
     if dtype is not None and not dtype.is_floating_point:
         raise ModelLoadError(f"dtype={dtype}: a model can only be loaded in a floating dtype such as torch.bfloat16")
     with _default_dtype(dtype), no_init_weights(), init_empty_weights(include_buffers=False):
-        model = model_cls.from_config(config)
+        if hasattr(model_cls, "from_config"):
+            model = model_cls.from_config(config)
+        else:
+            model = model_cls(model_cls.config_class(**config))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     if name_or_path and hasattr(model, "register_to_config"):
         model.register_to_config(_name_or_path=name_or_path)
     return model.eval()
+
+
+def keep_in_fp32_modules(model_cls: type, dtype: torch.dtype | None) -> list[str]:
+    """The modules ``model_cls.from_pretrained(dtype=dtype)`` keeps in float32. diffusers keeps
+    ``_keep_in_fp32_modules`` for any dtype; transformers only when loading float16 (its
+    ``_keep_in_fp32_modules_strict`` for float16 and bfloat16)."""
+    if hasattr(model_cls, "_keep_in_fp32_modules_strict"):  # a transformers model
+        keep = list(model_cls._keep_in_fp32_modules or []) if dtype == torch.float16 else []
+        if dtype in (torch.float16, torch.bfloat16):
+            keep += list(model_cls._keep_in_fp32_modules_strict or [])
+        return keep
+    return list(getattr(model_cls, "_keep_in_fp32_modules", None) or [])
+
+
+def load_whole(model: nn.Module, weights: SafetensorsWeights) -> nn.Module:
+    """Give every meta tensor of ``model`` (after ``weights.apply_dtypes``) host memory filled from ``weights``: the
+    whole module in host memory, narrow tensors widened. Reads concurrently; returns the module (eval, no grad)."""
+    groups: dict[int, list] = {}
+    for ref in tensor_refs(model, unique=False):  # a tied tensor under every name it has, filled once
+        groups.setdefault(id(ref.get()), []).append(ref)
+    items = []
+    for refs in groups.values():
+        tensor = refs[0].get()
+        if tensor.is_meta:
+            dest = torch.empty(tensor.shape, dtype=tensor.dtype)
+            items.append((refs[0].name, tensor, dest))
+            registered = refs[0].rebind(dest)
+            for ref in refs[1:]:  # the same object under every name, as the tie had it
+                (ref.owner._parameters if ref.is_param else ref.owner._buffers)[ref.attr] = registered
+    weights.fill_many(items)
+    return model.eval().requires_grad_(False)
 
 
 def read_model_config(model_cls: type, folder: Path) -> dict:
@@ -140,7 +184,8 @@ class SafetensorsWeights:
     ``weights(name, current, dest)`` (or :meth:`fill_many` for a batch) to fill ``dest``, host or GPU memory, or
     :meth:`read_rows` for a row range of one tensor (an FSDP shard).
 
-    ``key_for`` maps a model tensor name to the key it has in the files (identity for Diffusers folders).
+    ``key_for`` maps a model tensor name to the key it has in the files (identity for Diffusers folders), and
+    ``scale_key_for`` to the key of its per-tensor scale, if it has one (ComfyUI's scaled fp8 files).
     """
 
     def __init__(
@@ -150,11 +195,15 @@ class SafetensorsWeights:
         keep_in_fp32_modules: list[str] | None,
         key_for: Callable[[str], str] | None = None,
         describe: str = "",
+        scale_key_for: Callable[[str], str | None] | None = None,
     ):
         self.describe = describe or (str(files[0].parent) if files else "weights")
         self.dtype = dtype
         self.keep_in_fp32_modules = list(keep_in_fp32_modules or [])
         self._key_for = key_for or (lambda name: name)
+        self._scale_key_for = scale_key_for or (lambda name: None)
+        self._targets: dict[str, torch.dtype] = {}
+        """Model name -> the dtype ``apply_dtypes`` gave it (what narrow tensors are widened to)."""
         self._files: list[SafetensorsFile] = []
         self._entries: dict[str, tuple[SafetensorsFile, TensorEntry]] = {}
         self._to_read: set[str] = set()
@@ -230,6 +279,7 @@ class SafetensorsWeights:
                 mismatched.append(f"{ref.name}: file {shape}, model {tuple(tensor.shape)}")
                 continue
             dtype = self.target_dtype(ref.name, tensor.dtype)
+            self._targets[ref.name] = dtype
             if tensor.dtype != dtype:
                 ref.rebind(torch.empty(tensor.shape, dtype=dtype, device="meta"))
         if missing or mismatched:
@@ -245,9 +295,34 @@ class SafetensorsWeights:
         if unexpected > 0:
             logger.debug("%s: ignoring %d tensors the model does not use", self.describe, unexpected)
 
+    def scale(self, name: str) -> torch.Tensor | None:
+        """The per-tensor scale of ``name`` (float32, 0-dim), or None when it has none."""
+        key = self._scale_key_for(self._key_for(name))
+        if key is None:
+            return None
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        handle, entry = found
+        if entry.shape not in ((), (1,)) or not entry.dtype.is_floating_point:
+            raise ModelLoadError(
+                f"{self.describe}: {key} should be a one-element float scale, not {entry.dtype} {list(entry.shape)}. "
+                "Fix: re-download the file."
+            )
+        return handle.read(entry.name).reshape(()).to(torch.float32)
+
+    def stored_format(self, name: str, current: torch.Tensor) -> StoredFormat | None:
+        """How a layerwise offloader may keep ``name`` in host memory: its stored bytes (fp8, plus its scale) when
+        the file holds it narrower than ``current``'s dtype, the dtype it computes in; None: fill it as usual."""
+        found = self._entry(name) if name in self._to_read else None
+        if found is None or found[1].dtype not in NARROW_FLOATS or current.dtype == found[1].dtype:
+            return None
+        return StoredFormat(found[1].dtype, self.scale(name))
+
     def __call__(self, name: str, current: torch.Tensor, dest: torch.Tensor) -> None:
         """Fill ``dest`` with tensor ``name``: from the files if stored there, else (a non-persistent buffer that
-        ``__init__`` computed) from ``current``."""
+        ``__init__`` computed) from ``current``. A narrow (fp8) tensor filled into a wider dtype is widened with
+        ComfyUI's rule; into its own dtype, its bytes are copied as they are (the offloader's stored form)."""
         if name not in self._to_read:
             if current.is_meta:  # apply_dtypes already refuses this; kept so a direct call cannot leave garbage
                 raise ModelLoadError(f"{self.describe}: tensor {name} is not in the files")
@@ -256,16 +331,24 @@ class SafetensorsWeights:
         handle, entry = self._entry(name)
         if entry.dtype == dest.dtype and dest.device.type == "cpu" and dest.is_contiguous():
             handle.read_into(entry.name, dest)
+        elif entry.dtype in NARROW_FLOATS and dest.dtype != entry.dtype:
+            dest.copy_(dequantize(handle.read(entry.name), self.scale(name), dest.dtype))
         else:
             dest.copy_(handle.read(entry.name))
 
     def read_rows(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
-        """Rows ``[start, stop)`` of tensor ``name`` (the whole tensor when ``rows`` is None), in the file's dtype."""
+        """Rows ``[start, stop)`` of tensor ``name`` (the whole tensor when ``rows`` is None), in the file's dtype -
+        except narrow (fp8) tensors, which come widened to the dtype ``apply_dtypes`` gave them (a per-tensor scale
+        applies to every row alike)."""
         found = self._entry(name)
         if found is None:
             raise ModelLoadError(f"{self.describe}: tensor {name} is not in the files")
         handle, entry = found
-        return handle.read(entry.name, rows)
+        values = handle.read(entry.name, rows)
+        target = self._targets.get(name)
+        if entry.dtype in NARROW_FLOATS and target is not None and target != entry.dtype:
+            values = dequantize(values, self.scale(name), target)
+        return values
 
     def fill_many(self, items: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
         """Fill several tensors concurrently (reads and casts release the GIL; page faults spread over cores)."""

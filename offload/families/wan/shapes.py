@@ -29,7 +29,7 @@ WAN_DIT = {
 UMT5_XXL = dict(
     vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
     relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-    dropout_rate=0.0,
+    dropout_rate=0.0, layer_norm_epsilon=1e-6,
 )
 """``UMT5Config`` of the text encoder (google/umt5-xxl's encoder)."""
 
@@ -41,3 +41,10 @@ CLIP_VIT_H = dict(
 
 WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
 """``AutoencoderKLWan`` arguments of the Wan2.1 VAE."""
+
+WAN_SCHEDULER = dict(
+    prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0,
+)
+"""The scheduler of the official Wan2.1 Diffusers folders (``UniPCMultistepScheduler``, diffusers' defaults for
+every other field): what a model read from single files uses, since those carry no scheduler. Shift 3.0 suits
+480p; 720p wants 5.0 (the Sample node's flow_shift)."""

@@ -9,11 +9,13 @@ from torch import nn
 
 from ...config import SamplingParams
 from ...core.denoise import Conditioning
-from ...core.spec import ComponentSpec, LatentSpace, ModelSource, ModelSpec, Role, lazy_classes
+from ...core.spec import ComponentSpec, DefaultConfig, EmbeddedIn, LatentSpace, ModelSource, ModelSpec, Role, lazy_classes
 from ...errors import ConfigError
 from ...distributed.sampling import sample_in_workers
 from .config_checks import check_wan_configs, wan_memory_model
+from .files import SPIECE_MODEL, ClipVisionHFormat, Umt5Format, WanDitFormat, WanVaeFormat
 from .parallelize import parallelize_wan
+from .shapes import WAN_SCHEDULER
 
 TOKENIZER = ComponentSpec("tokenizer", Role.TOKENIZER, lazy_classes("transformers", "T5Tokenizer", "T5TokenizerFast", "AutoTokenizer"))
 TEXT_ENCODER = ComponentSpec(
@@ -33,6 +35,39 @@ IMAGE_PROCESSOR = ComponentSpec(
 )
 
 HINT = "a Diffusers-format Wan2.1 folder (for example Wan2.1-T2V-1.3B-Diffusers)"
+
+
+def _tokenizer_from_spiece(data: bytes) -> Any:
+    from .text import tokenizer_from_sentencepiece
+
+    return tokenizer_from_sentencepiece(data)
+
+
+def _image_processor_config(config_of) -> dict:
+    """The CLIP preprocessing of the Wan I2V folders (OpenAI mean/std, shortest edge then center crop), at the
+    image encoder's own input size (224 for ViT-H/14)."""
+    size = int(config_of("image_encoder")["image_size"])
+    return {"crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size}}
+
+
+SINGLE_FILES_T2V = {
+    "transformer": WanDitFormat(image_to_video=False),
+    "text_encoder": Umt5Format(),
+    "vae": WanVaeFormat(),
+    "tokenizer": EmbeddedIn(
+        "text_encoder", SPIECE_MODEL, "T5Tokenizer", _tokenizer_from_spiece,
+        missing="use Comfy-Org's umt5_xxl_fp8_e4m3fn_scaled.safetensors (or umt5_xxl_fp16.safetensors), which carry "
+                "the tokenizer, or give the text encoder as a Diffusers Wan2.1 folder",
+    ),
+    "scheduler": DefaultConfig("transformer", "UniPCMultistepScheduler", lambda config_of: dict(WAN_SCHEDULER)),
+}
+"""How a Wan2.1 model is read from ComfyUI's single files (``core.spec.ModelSpec.files``)."""
+SINGLE_FILES_I2V = {
+    **SINGLE_FILES_T2V,
+    "transformer": WanDitFormat(image_to_video=True),
+    "image_encoder": ClipVisionHFormat(),
+    "image_processor": DefaultConfig("image_encoder", "CLIPImageProcessor", _image_processor_config),
+}
 
 
 class WanStages:
@@ -116,10 +151,11 @@ _COMMON = dict(family="wan2.1", stages=STAGES, module=__name__, parallelize=para
 
 WAN21_T2V = ModelSpec(
     name="wan2.1-t2v", pipeline_class="WanPipeline",
-    components=(TOKENIZER, TEXT_ENCODER, TRANSFORMER, VAE, SCHEDULER), **_COMMON,
+    components=(TOKENIZER, TEXT_ENCODER, TRANSFORMER, VAE, SCHEDULER), files=SINGLE_FILES_T2V, **_COMMON,
 )
 WAN21_I2V = ModelSpec(
     name="wan2.1-i2v", pipeline_class="WanImageToVideoPipeline", image_to_video=True,
-    components=(TOKENIZER, TEXT_ENCODER, TRANSFORMER, VAE, SCHEDULER, IMAGE_ENCODER, IMAGE_PROCESSOR), **_COMMON,
+    components=(TOKENIZER, TEXT_ENCODER, TRANSFORMER, VAE, SCHEDULER, IMAGE_ENCODER, IMAGE_PROCESSOR),
+    files=SINGLE_FILES_I2V, **_COMMON,
 )
 SPECS = (WAN21_T2V, WAN21_I2V)

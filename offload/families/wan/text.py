@@ -58,3 +58,26 @@ def encode_prompt(
     embeds = torch.zeros_like(hidden)
     embeds[:, :seq_len] = hidden[:, :seq_len]
     return embeds
+
+
+def tokenizer_from_sentencepiece(data: bytes):
+    """The UMT5 tokenizer from the sentencepiece model ComfyUI stores in the text encoder's file (``spiece_model``).
+
+    Built as transformers builds a T5 tokenizer from a ``spiece.model`` (``T5Converter``: the pieces and scores as
+    a Unigram model, the model's own normaliser, ``</s>`` appended), so it tokenizes as the Diffusers folder's
+    tokenizer does - and, as ``tests/test_single_files.py`` checks, as ComfyUI's ``SPieceTokenizer``
+    (sentencepiece with ``add_eos``) does. No sentinel ``<extra_id_N>`` tokens are added: ComfyUI adds none.
+    """
+    from transformers import T5Tokenizer
+
+    from ...weights.sentencepiece_model import UNIGRAM, read_sentencepiece_model
+
+    model = read_sentencepiece_model(data)
+    specials = [p for p, _, _ in model.pieces[:3]]
+    if model.model_type != UNIGRAM or specials != ["<pad>", "</s>", "<unk>"] or model.unk_id != 2:
+        raise ValueError(f"not a T5-style unigram sentencepiece model (first pieces {specials}, unk id {model.unk_id})")
+    return T5Tokenizer(
+        vocab=[(piece, score) for piece, score, _ in model.pieces],
+        _spm_precompiled_charsmap=model.precompiled_charsmap or None,
+        extra_ids=0,
+    )

@@ -28,8 +28,26 @@ class TinyWanSpec:
     attention_head_dim: int = 12
     ffn_dim: int = 32
     vae_base_dim: int = 3
+    vae_dim_mult: tuple[int, ...] = (1, 1, 1, 1)
+    vae_num_res_blocks: int = 1
+    text_max_distance: int = 16
+    """UMT5's ``relative_attention_max_distance`` (the real model's is 128)."""
+    rope_max_seq_len: int = 32
+    image_dim: int = TINY_IMAGE_DIM
+    image_heads: int = 4
+    image_act: str = "quick_gelu"
+    """The CLIP tower's activation (transformers' default; ViT-H/14 uses gelu)."""
     image_to_video: bool = False
     """Also write ``image_encoder/`` and ``image_processor/`` (Wan2.1 I2V layout)."""
+
+
+SINGLE_FILE_TINY = TinyWanSpec(
+    attention_head_dim=128, vae_base_dim=4, vae_dim_mult=(1, 2, 4, 4), vae_num_res_blocks=2, text_max_distance=128,
+    rope_max_seq_len=1024, image_dim=80, image_heads=1, image_act="gelu",
+)
+"""A tiny model whose components have the real ones' structure where single files cannot say otherwise: heads of
+128 (Wan's DiT) and 80 (ViT-H), UMT5's attention distance, the Wan2.1 VAE's levels. Single files carry shapes, not
+configs, so a loader reads these from shapes the way ComfyUI does; tests of single files build this one."""
 
 
 def _build_tokenizer():
@@ -44,16 +62,17 @@ def _build_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def build_tiny_wan(path: str | Path, seed: int = 0, spec: TinyWanSpec = TinyWanSpec()) -> Path:
+def build_tiny_wan(path: str | Path, seed: int = 0, spec: TinyWanSpec = TinyWanSpec(), tokenizer=None) -> Path:
     """Write a tiny Wan2.1 T2V (or I2V) folder at ``path`` and return it.
 
-    The weights depend only on ``seed`` and ``spec``, so two calls give byte-identical models.
+    The weights depend only on ``seed`` and ``spec``, so two calls give byte-identical models. ``tokenizer``
+    replaces the built-in one (a T5 tokenizer; the text encoder's vocabulary follows its size).
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     path = Path(path)
-    tokenizer = _build_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else _build_tokenizer()
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(
         UMT5Config(
@@ -64,7 +83,7 @@ def build_tiny_wan(path: str | Path, seed: int = 0, spec: TinyWanSpec = TinyWanS
             num_layers=2,
             num_heads=4,
             relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
+            relative_attention_max_distance=spec.text_max_distance,
             feed_forward_proj="gated-gelu",
             dropout_rate=0.0,
             pad_token_id=tokenizer.pad_token_id,
@@ -85,16 +104,16 @@ def build_tiny_wan(path: str | Path, seed: int = 0, spec: TinyWanSpec = TinyWanS
         num_layers=spec.num_layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-        image_dim=TINY_IMAGE_DIM if spec.image_to_video else None,
+        rope_max_seq_len=spec.rope_max_seq_len,
+        image_dim=spec.image_dim if spec.image_to_video else None,
         added_kv_proj_dim=(spec.num_attention_heads * spec.attention_head_dim) if spec.image_to_video else None,
     ).eval()
     torch.manual_seed(seed + 2)
     vae = AutoencoderKLWan(
         base_dim=spec.vae_base_dim,
         z_dim=16,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
+        dim_mult=list(spec.vae_dim_mult),
+        num_res_blocks=spec.vae_num_res_blocks,
         temperal_downsample=[False, True, True],
     ).eval()
     # The real Wan2.1 folders ship this scheduler configuration (flow-matching UniPC, shift 3 for 480p).
@@ -108,7 +127,7 @@ def build_tiny_wan(path: str | Path, seed: int = 0, spec: TinyWanSpec = TinyWanS
     if spec.image_to_video:
         from diffusers import WanImageToVideoPipeline
 
-        image_encoder, image_processor = _build_image_encoder(seed + 3)
+        image_encoder, image_processor = _build_image_encoder(seed + 3, spec)
         pipe = WanImageToVideoPipeline(image_encoder=image_encoder, image_processor=image_processor, **components)
     else:
         from diffusers import WanPipeline
@@ -118,20 +137,21 @@ def build_tiny_wan(path: str | Path, seed: int = 0, spec: TinyWanSpec = TinyWanS
     return path
 
 
-def _build_image_encoder(seed: int):
+def _build_image_encoder(seed: int, spec: TinyWanSpec):
     """A tiny CLIP vision tower and its processor, shaped like the Wan I2V ``image_encoder`` (penultimate states)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
     encoder = CLIPVisionModel(
         CLIPVisionConfig(
-            hidden_size=TINY_IMAGE_DIM,
+            hidden_size=spec.image_dim,
             intermediate_size=37,
             num_hidden_layers=2,
-            num_attention_heads=4,
+            num_attention_heads=spec.image_heads,
+            hidden_act=spec.image_act,
             image_size=32,
             patch_size=8,
-            projection_dim=TINY_IMAGE_DIM,
+            projection_dim=spec.image_dim,
         )
     ).eval()
     processor = CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32})
