@@ -87,6 +87,10 @@ def test_the_sample_stage_refuses_before_drawing_noise(long_rope_model):
     assert model.components == {}
 
 
+def parts_total(parts: dict) -> int:
+    return sum(parts.values())
+
+
 def test_the_device_check_refuses_what_exceeds_the_device_and_warns_beyond_free_memory(tiny_t2v, monkeypatch, caplog):
     from video_offload.offload.config import SamplingParams
     from video_offload.offload.core import memory_estimate
@@ -95,7 +99,8 @@ def test_the_device_check_refuses_what_exceeds_the_device_and_warns_beyond_free_
     manager = OffloadManager("cpu")
     model = load_model(manager, tiny_t2v, Precision(dit="float32"))
     params = SamplingParams(height=512, width=512, num_frames=97, num_inference_steps=1)
-    estimate = job_memory(manager, model, OffloadConfig(), params)
+    untiled = OffloadConfig(vae_tiling="off")  # the whole decoded video on the device: the largest stage
+    estimate = job_memory(manager, model, untiled, params)
     stage, parts = estimate.device_peak_stage()
     assert stage == "VAE decode" and set(parts) == {"VAE weights", "VAE decode working set", "decoded video on the device"}
     peak = estimate.device_bytes
@@ -103,12 +108,16 @@ def test_the_device_check_refuses_what_exceeds_the_device_and_warns_beyond_free_
     monkeypatch.setattr(memory_estimate, "device_total_bytes", lambda device: (peak // 4, peak // 2))
     with pytest.raises(ConfigError, match=r"needs about .* on cpu during VAE decode \(VAE weights .*\), more than the "
                                           r"device's .* Fix: lower num_frames or the resolution"):
-        check_job_memory(manager, model, OffloadConfig(), params)
+        check_job_memory(manager, model, untiled, params)
     # One that holds it but has less free now: a warning, not a refusal (the host can free memory).
     monkeypatch.setattr(memory_estimate, "device_total_bytes", lambda device: (peak // 2, peak * 2))
     caplog.set_level("WARNING")
-    check_job_memory(manager, model, OffloadConfig(), params)
+    check_job_memory(manager, model, untiled, params)
     assert "the VAE decode stage may need about" in caplog.text
+    # With exact tiling available (the default), the decode's working set is a tile's and the video stays on the
+    # host: the same job is no longer refused for its decode.
+    tiled = job_memory(manager, model, OffloadConfig(), params).device["VAE decode"]
+    assert "decoded video on the device" not in tiled and sum(tiled.values()) < parts_total(parts) / 2
 
 
 def test_the_dit_activation_estimate_is_calibrated_on_the_measured_14b_peak():

@@ -408,12 +408,9 @@ class OffloadManager:
         return total
 
     def available_bytes(self) -> int | None:
-        """What may still be allocated on the device (the budget's remainder when one is set); None when unknown."""
-        available = available_device_bytes(self.device)
-        if self.memory_budget is not None:
-            remainder = max(self.memory_budget - self.device_bytes(), 0)
-            available = remainder if available is None else min(available, remainder)
-        return available
+        """What may still be allocated on the device for activations (free memory, the allocator's unused reserve,
+        a per-process cap); None when unknown (the CPU). The weights ``memory_budget`` does not enter it."""
+        return available_device_bytes(self.device)
 
     def _reserve(self, nbytes: int) -> None:
         """Check the budget and let the host make room before ``nbytes`` more are placed on the device."""
