@@ -181,8 +181,9 @@ def set_vram_cap(device: torch.device, cap_gib: float | None) -> None:
     if device.type != "cuda":
         return
     torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(1.0 if cap_gib is None else min(1.0, cap_gib * 2**30 / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap_gib is None else min(1.0, cap_gib * 2**30 / total), index)
 
 
 def placement_seconds(manager: OffloadManager, model: LoadedModel, name: str, config: OffloadConfig, device,
