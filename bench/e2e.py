@@ -433,7 +433,8 @@ def main() -> int:
                 if device.type == "cuda":  # kernel selection and allocator warm-up, untimed
                     warm = OffloadConfig(**MODES["all_resident"])
                     prepare(manager, model, warm)
-                    conditioning = encode_prompts(manager, model, warm, "warm up", "", None)
+                    warm_image = PIL.Image.new("RGB", (832, 480)) if kind == "i2v" else None
+                    conditioning = encode_prompts(manager, model, warm, "warm up", "", warm_image)
                     params = SamplingParams(height=480, width=832, num_frames=17, num_inference_steps=1)
                     sample_latents(manager, model, warm, conditioning, params)
             manager, model = built[key]
@@ -445,6 +446,8 @@ def main() -> int:
                 image = PIL.Image.fromarray((np.random.RandomState(0).rand(height, width, 3) * 255).astype("uint8"))
             manager.release(model)  # each scenario starts with nothing on the device
             set_vram_cap(device, cap)
+            # What a card of that size would report as its memory (the cap itself is invisible to the process).
+            manager.memory_limit = None if cap is None or device.type != "cuda" else int(cap * 2**30)
             label = dict(model=kind, dit=dit, height=height, width=width, frames=frames, mode=mode, vram_cap_gib=cap)
             try:
                 rows = run_scenario(manager, model, mode, params, image, device, emit, label)

@@ -83,10 +83,14 @@ class OffloadManager:
         device: torch.device | str | None = None,
         make_room: MakeRoom | None = None,
         memory_budget: int | None = None,
+        memory_limit: int | None = None,
     ):
         self.device = resolve_device(device)  # a bad name or a missing GPU is a ConfigError here
         self.make_room = make_room
         self.memory_budget = memory_budget
+        self.memory_limit = memory_limit
+        """Device bytes this process should treat as the device's size for memory decisions (tiling, chunking): to
+        leave the rest to other programs, or to behave as on a smaller card. None: the device's own."""
         self._models: weakref.WeakValueDictionary[tuple, LoadedModel] = weakref.WeakValueDictionary()
         self._lock = threading.RLock()
         self._logged: set[str] = set()
@@ -409,8 +413,13 @@ class OffloadManager:
 
     def available_bytes(self) -> int | None:
         """What may still be allocated on the device for activations (free memory, the allocator's unused reserve,
-        a per-process cap); None when unknown (the CPU). The weights ``memory_budget`` does not enter it."""
-        return available_device_bytes(self.device)
+        a per-process cap, ``memory_limit``); None when unknown (the CPU). The weights ``memory_budget`` does not
+        enter it."""
+        available = available_device_bytes(self.device)
+        if self.memory_limit is not None and self.device.type == "cuda":
+            limit = max(self.memory_limit - torch.cuda.memory_allocated(self.device), 0)
+            available = limit if available is None else min(available, limit)
+        return available
 
     def _reserve(self, nbytes: int) -> None:
         """Check the budget and let the host make room before ``nbytes`` more are placed on the device."""
