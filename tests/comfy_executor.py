@@ -15,6 +15,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+import torch
+
 PRIMITIVES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -248,7 +250,13 @@ def validate(prompt: dict, mappings: dict) -> list[str]:
 def execute(prompt: dict, mappings: dict, extra_pnginfo: dict | None = None) -> dict[str, Any]:
     """Validate, then run every node; return each node's outputs (a tuple, or the dict an output node returns).
     Hidden inputs are filled as ComfyUI fills them: ``PROMPT`` (this API prompt), ``EXTRA_PNGINFO`` (what the
-    frontend sends, ``{"workflow": graph}``), ``UNIQUE_ID``."""
+    frontend sends, ``{"workflow": graph}``), ``UNIQUE_ID``. Nodes run inside ``torch.inference_mode()``, as
+    ComfyUI's executor runs a whole prompt (execution.py)."""
+    with torch.inference_mode():
+        return _execute(prompt, mappings, extra_pnginfo)
+
+
+def _execute(prompt: dict, mappings: dict, extra_pnginfo: dict | None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for node_id in validate(prompt, mappings):
         node = prompt[node_id]

@@ -157,14 +157,17 @@ def load_whole(model: nn.Module, weights: SafetensorsWeights) -> nn.Module:
     for ref in tensor_refs(model, unique=False):  # a tied tensor under every name it has, filled once
         groups.setdefault(id(ref.get()), []).append(ref)
     items = []
-    for refs in groups.values():
-        tensor = refs[0].get()
-        if tensor.is_meta:
-            dest = torch.empty(tensor.shape, dtype=tensor.dtype)
-            items.append((refs[0].name, tensor, dest))
-            registered = refs[0].rebind(dest)
-            for ref in refs[1:]:  # the same object under every name, as the tie had it
-                (ref.owner._parameters if ref.is_param else ref.owner._buffers)[ref.attr] = registered
+    # Ordinary tensors whatever the caller's mode: ComfyUI runs nodes inside torch.inference_mode(), which is
+    # thread-local, and the reader threads below fill these outside it (an inference tensor refuses that).
+    with torch.inference_mode(False):
+        for refs in groups.values():
+            tensor = refs[0].get()
+            if tensor.is_meta:
+                dest = torch.empty(tensor.shape, dtype=tensor.dtype)
+                items.append((refs[0].name, tensor, dest))
+                registered = refs[0].rebind(dest)
+                for ref in refs[1:]:  # the same object under every name, as the tie had it
+                    (ref.owner._parameters if ref.is_param else ref.owner._buffers)[ref.attr] = registered
     weights.fill_many(items)
     return model.eval().requires_grad_(False)
 
