@@ -241,3 +241,48 @@ def test_gpu_fp8_streaming_equals_resident_widened_bit_for_bit(transformer_dir, 
         assert stats.stored_narrow and stats.pinned_bytes == stats.host_bytes
     finally:
         off.close()
+
+
+def every_fp8_value(dtype: torch.dtype, repeat: int) -> torch.Tensor:
+    """All 256 bit patterns of an fp8 dtype except its NaNs (they stay NaN either way and NaN != NaN), repeated."""
+    values = torch.arange(256, dtype=torch.uint8).view(dtype)
+    values = values[~values.float().isnan()]
+    return values.repeat(repeat)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stored", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_one_pass_widening_equals_the_eager_rule_for_every_fp8_value(stored, compute):
+    """The Triton kernel the slots use on CUDA (one read, one write per weight) gives the eager rule's numbers -
+    cast, then times the scale rounded to the compute dtype - for every fp8 value, scaled (small and large scales,
+    so products land in the compute dtype's subnormals and near its top) and unscaled, next to a tensor stored
+    in its compute dtype; in a staged block's real layout, and on a stream other than the default one."""
+    from video_offload.offload.core.host_memory import FlatLayout
+    from video_offload.offload.core.stored_format import StagedLayout, StoredFormat
+    from video_offload.offload.core.widen_kernel import TritonWidener, decoder_for
+
+    pytest.importorskip("triton")
+    values = every_fp8_value(stored, 41)  # odd sizes: the last program is partly masked
+    scales = [torch.tensor(s, dtype=torch.float32) for s in (3.0517578125e-05, 0.0123, 1.0, 57.3)]
+    named = [(f"w{i}", torch.empty(values.shape, dtype=compute, device="meta")) for i in range(len(scales) + 1)]
+    named.append(("norm", torch.empty(1000, dtype=compute, device="meta")))
+    formats = [StoredFormat(stored, s) for s in scales] + [StoredFormat(stored, None), None]
+    staged = StagedLayout.of(FlatLayout.of(named), formats)
+    host = torch.zeros(staged.stored.nbytes, dtype=torch.uint8)
+    for step, fmt in zip(staged.steps, formats):
+        step.stored.view_into(host).copy_(values if fmt is not None else torch.randn(1000).to(compute))
+    staged.fill_scales(host, formats)
+    raw = host.cuda()
+    eager = torch.full((staged.compute.nbytes,), 0xAB, dtype=torch.uint8, device="cuda")
+    fused = eager.clone()
+    StagedLayout.decode(staged.views(raw, eager))
+    assert isinstance(decoder_for(torch.device("cuda"), staged), TritonWidener)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        decoder_for(torch.device("cuda"), staged)(staged.views(raw, fused))
+    stream.synchronize()
+    assert torch.equal(fused, eager)  # every byte, padding included
+    for step, fmt in zip(staged.steps[:-1], formats[:-1]):  # and the eager rule is ComfyUI's
+        expected = comfyui_dequantize(values.cuda(), None if fmt.scale is None else fmt.scale.cuda(), compute)
+        assert bit_equal(step.compute.view_into(fused), expected)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .stored_format import StagedLayout
+from .widen_kernel import decoder_for
 
 
 class BlockSlots:
@@ -43,7 +44,9 @@ class BlockSlots:
         self.raw: torch.Tensor | None = None
         """Stored bytes of the block being widened (staged blocks only)."""
         self._decode_views: list = []
+        self._decode = StagedLayout.decode
         if staged is not None:
+            self._decode = decoder_for(device, staged)
             self.raw = torch.empty(staged.stored.nbytes, dtype=torch.uint8, device=device)
             self._decode_views = [staged.views(self.raw, buffer) for buffer in self.buffers]
         self._cuda = device.type == "cuda"
@@ -89,7 +92,7 @@ class BlockSlots:
                 # and the transfer need not wait for the slot.
                 self.raw.copy_(host_flat, non_blocking=True)
                 self.copy_stream.wait_event(self._free[slot])
-                StagedLayout.decode(self._decode_views[slot])
+                self._decode(self._decode_views[slot])
             self._loaded[slot].record(self.copy_stream)
 
     def wait_loaded(self, slot: int) -> None:
