@@ -19,6 +19,7 @@ against whole (bit-exactness on a real-size block), the VAE decode tiled against
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import json
 import tempfile
@@ -392,6 +393,7 @@ def main() -> int:
 
     bandwidth = h2d_bandwidth(device)
     emit(dict(stage="environment", h2d_gb_per_s=round(bandwidth, 2), torch=torch.__version__,
+              pytorch_cuda_alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
               device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               total_gib=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
               if device.type == "cuda" else None))

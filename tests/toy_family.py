@@ -164,6 +164,9 @@ class ToyStages:
     def tokenwise_modules(self, dit) -> list:
         return []
 
+    def chunk_blocks(self, dit, max_tokens) -> bool:
+        return False
+
 
 def parallelize_toy(model, plan, device, *, cpu_offload, pin_memory):
     return parallelize(model, plan, device, cpu_offload=cpu_offload, pin_memory=pin_memory)

@@ -297,6 +297,11 @@ class FamilyStages(Protocol):
         """The DiT's modules that act on each token independently (feed-forward networks), with the sequence on
         dim 1 of their input and output: they may run over chunks of the sequence with the same result."""
 
+    def chunk_blocks(self, dit: nn.Module, max_tokens: int | None) -> bool:
+        """Run the DiT's blocks with *every* token-wise step (norms, modulation, projections, feed-forward) over
+        slices of ``max_tokens`` tokens, attention whole (None: the blocks' own forward). False when the family
+        has no such forward: then only :meth:`tokenwise_modules` are chunked."""
+
 
 @dataclass(frozen=True)
 class ModelSpec:

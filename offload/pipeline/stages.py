@@ -273,10 +273,14 @@ def _chunk_tokenwise_layers(manager, model: LoadedModel, name: str, dit, config:
         return
     per_token = tokenwise_bytes_per_token(modules[0])
     size = plan_chunking(config.dit_activation_chunking, tokens, per_token, manager.available_bytes())
-    configure_chunking(modules, size)
-    message = (f"{model.name}/{name}: token-wise layers run whole ({tokens} tokens)" if size is None else
-               f"{model.name}/{name}: token-wise layers run in chunks of {size} of {tokens} tokens "
-               f"(dit_activation_chunking={config.dit_activation_chunking}; {tokens * per_token / 2**30:.2f} GiB unchunked)")
+    # The family's own sliced block forward bounds every token-wise step; without one, the feed-forward alone.
+    whole_blocks = model.spec.stages.chunk_blocks(dit, size)
+    configure_chunking(modules, None if whole_blocks else size)
+    what = "blocks' token-wise steps" if whole_blocks and size is not None else "token-wise layers"
+    message = (f"{model.name}/{name}: {what} run whole ({tokens} tokens)" if size is None else
+               f"{model.name}/{name}: {what} run in chunks of {size} of {tokens} tokens "
+               f"(dit_activation_chunking={config.dit_activation_chunking}; feed-forward "
+               f"{tokens * per_token / 2**30:.2f} GiB unchunked)")
     manager.log_once(message)
 
 

@@ -143,6 +143,14 @@ class WanStages:
     def tokenwise_modules(self, dit: nn.Module) -> list[nn.Module]:
         return [block.ffn for block in dit.blocks]
 
+    def chunk_blocks(self, dit: nn.Module, max_tokens: int | None) -> bool:
+        from .lean_block import apply_lean_blocks, remove_lean_blocks
+
+        if max_tokens is None:
+            remove_lean_blocks(list(dit.blocks))
+            return True
+        return apply_lean_blocks(list(dit.blocks), max_tokens) == len(dit.blocks)
+
 
 STAGES = WanStages()
 _COMMON = dict(family="wan2.1", stages=STAGES, module=__name__, parallelize=parallelize_wan,

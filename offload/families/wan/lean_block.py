@@ -1,0 +1,240 @@
+"""A Wan block's forward over slices of the sequence: the same numbers as diffusers', a fraction of the memory.
+
+At 480x832x81 a 14B block sees 32,760 tokens of width 5,120. diffusers' ``WanTransformerBlock.forward`` computes
+every token-wise step over the whole sequence at once, in float32 where the block asks for it: the norm and
+modulation of each sub-layer (``norm1(x.float()) * (1 + scale) + shift``: three 0.67 GB float32 temporaries), the
+query/key RMS norms and the rotary embedding (float32 again), the residual updates, and the feed-forward's
+13,824-wide intermediate (0.9 GB twice). Only attention itself needs every token at once. Chunking the feed-forward
+alone (``core.chunking``) leaves the rest, which is why the whole run did not fit 6 GiB (issue 10).
+
+Here every token-wise step runs over slices of ``max_tokens`` tokens and writes into preallocated full-sequence
+tensors in the block's dtype; attention runs whole, through diffusers' own ``dispatch_attention_fn``. Each token
+goes through the same operations in the same order as in diffusers' block (``transformer_wan.py``:
+``WanTransformerBlock.forward`` and ``WanAttnProcessor``), so the output is the same bit for bit on the CPU; on a
+GPU it is as long as the kernels compute each row alike for every row count (checked on the H200 by
+``tests/test_activation_memory.py``).
+
+Installed through diffusers' own extension points, nothing patched: a ``HookRegistry`` hook on each block (named
+:data:`HOOK_NAME`, idempotent, removable) and ``WanAttention.set_processor`` for the attention's token-wise parts
+(the original processor is put back on removal). Blocks whose attention diffusers has fused (``to_qkv``) or
+prepared for context parallelism keep their own forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+HOOK_NAME = "video_offload.lean_wan_block"
+
+
+def _slices(tokens: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, tokens)) for start in range(0, tokens, size)]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``apply_rotary_emb`` (inside ``WanAttnProcessor.__call__``), for one slice of tokens."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = cos[..., 0::2]
+    sin = sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class LeanWanAttnProcessor:
+    """``WanAttnProcessor`` with the per-token parts (projections, q/k norms, rotary, output projection) run over
+    slices of the query tokens; the attention over the whole sequence is diffusers' own call."""
+
+    def __init__(self, original: Any, max_tokens: int):
+        self.original = original
+        """The processor this one replaced, put back by :func:`remove_lean_blocks`."""
+        self.max_tokens = max_tokens
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        backend = getattr(self.original, "_attention_backend", None)
+        encoder_hidden_states_img = None
+        if attn.add_k_proj is not None:
+            image_context_length = encoder_hidden_states.shape[1] - 512  # diffusers' constant: the text length
+            encoder_hidden_states_img = encoder_hidden_states[:, :image_context_length]
+            encoder_hidden_states = encoder_hidden_states[:, image_context_length:]
+        self_attention = encoder_hidden_states is None
+        batch, tokens, _ = hidden_states.shape
+        slices = _slices(tokens, self.max_tokens)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(2, (attn.heads, -1))
+
+        query = key = value = None
+        for sl in slices:
+            piece = hidden_states[:, sl]
+            q = attn.norm_q(attn.to_q(piece))
+            k = attn.norm_k(attn.to_k(piece)) if self_attention else None
+            v = attn.to_v(piece) if self_attention else None
+            q = heads(q)
+            if self_attention:
+                k, v = heads(k), heads(v)
+            if rotary_emb is not None:
+                cos, sin = rotary_emb[0][:, sl], rotary_emb[1][:, sl]
+                q = _rotate(q, cos, sin)
+                k = _rotate(k, cos, sin)
+            if query is None:
+                query = q.new_empty((batch, tokens) + tuple(q.shape[2:]))
+                if self_attention:
+                    key, value = k.new_empty(query.shape), v.new_empty((batch, tokens) + tuple(v.shape[2:]))
+            query[:, sl] = q
+            if self_attention:
+                key[:, sl], value[:, sl] = k, v
+            del q, k, v
+        if not self_attention:
+            key = heads(attn.norm_k(attn.to_k(encoder_hidden_states)))
+            value = heads(attn.to_v(encoder_hidden_states))
+        query_dtype = query.dtype
+
+        hidden_states_img = None
+        if encoder_hidden_states_img is not None:
+            key_img = heads(attn.norm_added_k(attn.add_k_proj(encoder_hidden_states_img)))
+            value_img = heads(attn.add_v_proj(encoder_hidden_states_img))
+            hidden_states_img = dispatch_attention_fn(query, key_img, value_img, attn_mask=None, dropout_p=0.0,
+                                                      is_causal=False, backend=backend, parallel_config=None)
+            hidden_states_img = hidden_states_img.flatten(2, 3).to(query.dtype)
+
+        attended = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                         backend=backend, parallel_config=None)
+        del query, key, value
+        attended = attended.flatten(2, 3).to(query_dtype)
+        out = None
+        for sl in slices:
+            piece = attended[:, sl]
+            if hidden_states_img is not None:
+                piece = piece + hidden_states_img[:, sl]
+            piece = attn.to_out[1](attn.to_out[0](piece))
+            if out is None:
+                out = piece.new_empty((batch, tokens, piece.shape[-1]))
+            out[:, sl] = piece
+            del piece
+        return out
+
+
+def _hook_class():
+    from diffusers.hooks import ModelHook
+
+    class LeanWanBlockHook(ModelHook):
+        """Replaces a ``WanTransformerBlock``'s forward by :func:`lean_block_forward`."""
+
+        def __init__(self, max_tokens: int):
+            super().__init__()
+            self.max_tokens = max_tokens
+
+        def new_forward(self, module: nn.Module, hidden_states, encoder_hidden_states, temb, rotary_emb):
+            return lean_block_forward(module, hidden_states, encoder_hidden_states, temb, rotary_emb, self.max_tokens)
+
+    return LeanWanBlockHook
+
+
+def lean_block_forward(block: nn.Module, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rotary_emb,
+                       max_tokens: int) -> torch.Tensor:
+    """``WanTransformerBlock.forward`` with every token-wise step over slices of ``max_tokens`` tokens."""
+    tokens = x.shape[1]
+    slices = _slices(tokens, max_tokens)
+    if temb.ndim == 4:  # one modulation per token (Wan2.2 TI2V): computed per slice, never for the whole sequence
+        table = block.scale_shift_table.unsqueeze(0)
+
+        def modulation(sl: slice) -> list[torch.Tensor]:
+            return [m.squeeze(2) for m in (table + temb[:, sl].float()).chunk(6, dim=2)]
+    else:
+        shared = (block.scale_shift_table + temb.float()).chunk(6, dim=1)
+
+        def modulation(sl: slice) -> list[torch.Tensor]:
+            return shared
+
+    # 1. Self-attention: norm and modulation per slice, attention whole, residual per slice.
+    normed = torch.empty_like(x)
+    for sl in slices:
+        shift, scale = modulation(sl)[0], modulation(sl)[1]
+        normed[:, sl] = (block.norm1(x[:, sl].float()) * (1 + scale) + shift).type_as(x)
+    attended = block.attn1(normed, None, None, rotary_emb)
+    del normed
+    out = torch.empty_like(x)
+    for sl in slices:
+        out[:, sl] = (x[:, sl].float() + attended[:, sl] * modulation(sl)[2]).type_as(x)
+    del attended
+    x = out  # the caller's tensor is never written
+
+    # 2. Cross-attention.
+    normed = torch.empty_like(x)
+    for sl in slices:
+        normed[:, sl] = block.norm2(x[:, sl].float()).type_as(x)
+    attended = block.attn2(normed, context, None, None)
+    del normed
+    for sl in slices:
+        x[:, sl] = x[:, sl] + attended[:, sl]
+    del attended
+
+    # 3. Feed-forward, wholly per slice.
+    for sl in slices:
+        c_shift, c_scale, c_gate = modulation(sl)[3:6]
+        normed = (block.norm3(x[:, sl].float()) * (1 + c_scale) + c_shift).type_as(x)
+        ff = block.ffn(normed)
+        x[:, sl] = (x[:, sl].float() + ff.float() * c_gate).type_as(x)
+        del normed, ff
+    return x
+
+
+def _can_lean(block: nn.Module) -> bool:
+    for attn in (block.attn1, block.attn2):
+        if getattr(attn, "fused_projections", False):
+            return False
+        processor = attn.processor if not isinstance(attn.processor, LeanWanAttnProcessor) else attn.processor.original
+        if getattr(processor, "_parallel_config", None) is not None:
+            return False
+    return True
+
+
+def apply_lean_blocks(blocks: list[nn.Module], max_tokens: int) -> int:
+    """Run every block of ``blocks`` over slices of ``max_tokens`` tokens (idempotent: a second call only changes
+    the size). Returns how many blocks run lean (those with fused or context-parallel attention keep their own)."""
+    from diffusers.hooks import HookRegistry
+
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: must be at least 1")
+    lean = 0
+    for block in blocks:
+        if not _can_lean(block):
+            continue
+        for attn in (block.attn1, block.attn2):
+            if isinstance(attn.processor, LeanWanAttnProcessor):
+                attn.processor.max_tokens = max_tokens
+            else:
+                attn.set_processor(LeanWanAttnProcessor(attn.processor, max_tokens))
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        hook = registry.get_hook(HOOK_NAME)
+        if hook is not None:
+            hook.max_tokens = max_tokens
+        else:
+            registry.register_hook(_hook_class()(max_tokens), HOOK_NAME)
+        lean += 1
+    return lean
+
+
+def remove_lean_blocks(blocks: list[nn.Module]) -> None:
+    """Give every block its own forward and attention processors back. Idempotent."""
+    for block in blocks:
+        registry = getattr(block, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+            registry.remove_hook(HOOK_NAME, recurse=False)
+        for attn in (block.attn1, block.attn2):
+            if isinstance(attn.processor, LeanWanAttnProcessor):
+                attn.set_processor(attn.processor.original)
+
+
+def lean_tokens(block: nn.Module) -> int | None:
+    """The slice size ``block`` runs with, or None when it runs diffusers' own forward."""
+    registry = getattr(block, "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    return None if hook is None else hook.max_tokens
