@@ -256,6 +256,10 @@ def test_the_policy_tiles_only_when_asked_or_when_memory_is_short():
     assert grid is not None and grid[0] * grid[1] >= 2
     assert decode_grid(vae, shape, "on", 100 * gib) == (1, 2)  # forced on: at least two tiles
     assert encode_grid(vae, (1, 3, 81, 480, 832), "auto", 2 * gib) not in (None, (1, 1))
+    # A 6 GiB card with the VAE and the DiT's slots placed has about 4.5 GiB left: diffusers' untiled encode
+    # measured 7.27 GiB there, so auto must tile it (the replay alone says 4.19 GiB).
+    assert encode_grid(vae, (1, 3, 81, 480, 832), "auto", int(4.5 * gib)) not in (None, (1, 1))
+    assert encode_grid(vae, (1, 3, 81, 480, 832), "auto", 9 * gib) is None
     with pytest.raises(torch.OutOfMemoryError, match="even the finest tiling"):
         decode_grid(vae, shape, "auto", 1)
 

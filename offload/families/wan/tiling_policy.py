@@ -17,6 +17,10 @@ logger = logging.getLogger(__name__)
 
 GPU_ALLOWANCE = 1.15
 """Measured GPU peak / estimated tensor storage (the untiled decode: 9.26 GiB measured for 8.09 estimated)."""
+UNTILED_ENCODE_ALLOWANCE = 1.75
+"""The same ratio for diffusers' untiled *encode*, which the replay underestimates more: 7.27 GiB measured at
+480x832x81 on an H200 for 4.19 GiB estimated (tiled encodes keep to ``GPU_ALLOWANCE``: 2.20 GiB for 1.94 at 2x2).
+Without it ``auto`` kept a 6 GiB card's start-frame encode untiled and ran out of memory (issue 10's I2V row)."""
 ON_BUDGET = 2 * 2**30
 """Activation budget when tiling is forced on and free memory is unknown (a CPU run, a test)."""
 
@@ -61,13 +65,14 @@ def encode_grid(vae, video_shape: tuple[int, ...], mode: str, available: int | N
     budget = _budget(mode, available, 0)
     if budget is None:
         return None
-    if mode == "auto" and estimate_encode_memory(vae, video_shape, (1, 1), video_on_device=True).peak <= budget:
+    untiled = estimate_encode_memory(vae, video_shape, (1, 1), video_on_device=True).peak
+    if mode == "auto" and untiled * UNTILED_ENCODE_ALLOWANCE / GPU_ALLOWANCE <= budget:
         return None
     try:
         grid = choose_encode_grid(vae, video_shape, budget)
     except MemoryError as e:
         raise torch.OutOfMemoryError(f"VAE encode: even the finest tiling needs more than {budget} bytes") from e
-    grid = _at_least_two(grid) if mode == "on" else grid
+    grid = _at_least_two(grid)  # whatever the replay says of one tile, the untiled pass is what was ruled out
     logger.info("VAE encode of a %s video in %dx%d tiles (vae_tiling=%s, %s bytes free)", tuple(video_shape), *grid,
                 mode, available)
     return grid
