@@ -95,7 +95,8 @@ loads, and TI2V-5B): a row here plus a spec whose DiT format accepts it."""
 
 NOT_YET = (
     (lambda c: c["in_channels"] == 36 and c["image_dim"] is None,
-     "a Wan2.2 I2V A14B expert (36 input channels, no CLIP image embedder); Wan2.2 is not supported yet"),
+     "a Wan2.2 I2V A14B expert (36 input channels, no CLIP image embedder): give it as dit with its low-noise "
+     "expert as dit_2 (or the low-noise one as dit_2 with its high-noise expert as dit)"),
     (lambda c: c["in_channels"] == 48,
      "a Wan2.2 TI2V-5B DiT (48 latent channels); Wan2.2 is not supported yet"),
 )
