@@ -336,3 +336,97 @@ def test_fsdp_shards_both_experts_and_equals_the_single_process(a14b, start_imag
     assert placements["transformer"] == placements["transformer_2"] == ("FSDP", "workers")
     assert sharded == [["transformer", "transformer_2"]] * 2
     assert np.abs(frames - expected).max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------ on a GPU
+
+
+@pytest.fixture(scope="module")
+def wide_a14b(tmp_path_factory):
+    """Experts large enough that their slots show in device memory (8 blocks of dim 512 each, ~130 MB in float32)."""
+    spec = TinyWanSpec(num_layers=8, num_attention_heads=8, attention_head_dim=64, ffn_dim=2048)
+    return build_tiny_wan22_a14b(tmp_path_factory.mktemp("gpu-a14b") / "wide-a14b", spec=spec)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_experts_stream_bit_exact_through_one_set_of_slots(wide_a14b):
+    sizes = dict(height=128, width=192, num_frames=17, num_inference_steps=4, guidance_scale=4.0, flow_shift=3.0)
+    resident_options = dict(vae_cpu_offload=False, text_encoder_cpu_offload=False)
+    for precision in ("float32", "bfloat16"):
+        frames = {}
+        for layerwise in (False, True):
+            manager = OffloadManager("cuda")
+            generator = VideoGenerator.from_pretrained(wide_a14b, precision=precision, manager=manager,
+                                                       dit_layerwise_offload=layerwise, **resident_options)
+            seen = {}
+
+            def check(index, generator=generator, manager=manager, seen=seen):
+                high = manager.offloader(generator.model, "transformer")
+                low = manager.offloader(generator.model, "transformer_2")
+                if high is None or index != HIGH_STEPS - 1:
+                    return
+                torch.cuda.synchronize()
+                stats = high.stats(), low.stats()
+                seen["queued"] = low.queued_blocks()
+                seen["one slot set"] = high.slot_set is low.slot_set
+                seen["dit device bytes"] = stats[0].slot_bytes + stats[0].non_block_bytes + stats[1].non_block_bytes
+                seen["slot bytes"] = (stats[0].slot_bytes, 2 * stats[0].device_block_bytes)
+
+            frames[layerwise] = generator.generate_video("a cat", "blurred", seed=3, save_video=False,
+                                                         observer=AtSteps(check), **sizes)
+            if layerwise:
+                assert seen["queued"] == (0, 1) and seen["one slot set"]
+                assert seen["slot bytes"][0] == seen["slot bytes"][1]  # two slots of one block: not two sets
+            generator.shutdown()
+        assert np.array_equal(frames[True], frames[False]), precision
+
+
+# ------------------------------------------------------------------------------------------------------ nodes
+
+
+def test_nodes_take_the_low_noise_expert_and_the_two_expert_sampling_options(a14b_files, tmp_path, monkeypatch):
+    """Wan Model from Files with dit_2 (two Load Wan DiT nodes), Sample with cfg_2 and boundary_ratio, run as
+    ComfyUI runs an API prompt: the LATENT equals diffusers' latents (in ComfyUI's raw VAE space)."""
+    import shutil
+
+    from comfy_executor import REPO_ROOT, execute, load_pack, make_folder_paths
+    from single_file_helpers import reference_folder
+
+    folder, files = a14b_files["t2v"]
+    paths = files["fp16"]
+    models = tmp_path / "models"
+    for argument, sub in (("dit", "diffusion_models"), ("dit_2", "diffusion_models"), ("text_encoder", "text_encoders"),
+                          ("vae", "vae")):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(paths[argument], models / sub / paths[argument].name)
+    pack = load_pack(REPO_ROOT, make_folder_paths(models / "diffusers", tmp_path / "output"), {})
+    sample = dict(width=64, height=64, num_frames=9, steps=4, cfg=4.0, flow_shift=3.0, seed=3, cfg_2=2.0,
+                  boundary_ratio=0.7)
+    prompt = {
+        "1": {"class_type": "VideoOffloadLoadDiT", "inputs": {"dit_name": paths["dit"].name}},
+        "2": {"class_type": "VideoOffloadLoadDiT", "inputs": {"dit_name": paths["dit_2"].name}},
+        "3": {"class_type": "VideoOffloadLoadTextEncoder", "inputs": {"text_encoder_name": paths["text_encoder"].name}},
+        "4": {"class_type": "VideoOffloadLoadVAE", "inputs": {"vae_name": paths["vae"].name}},
+        "5": {"class_type": "VideoOffloadWanModel", "inputs": {"dit": ["1", 0], "dit_2": ["2", 0], "text_encoder": ["3", 0],
+                                                                "vae": ["4", 0], "precision": "float32",
+                                                                "vae_precision": "float32"}},
+        "6": {"class_type": "VideoOffloadEncodePrompt", "inputs": {"model": ["5", 0], "prompt": PROMPT,
+                                                                    "negative_prompt": NEGATIVE}},
+        "7": {"class_type": "VideoOffloadSample", "inputs": {"model": ["5", 0], "conditioning": ["6", 0], **sample}},
+    }
+    results = execute(prompt, pack.NODE_CLASS_MAPPINGS)
+    handle = results["5"][0]
+    assert handle.model.spec.name == "wan2.2-a14b-t2v"
+    latent = results["7"][0]["samples"]
+
+    reference = reference_folder(folder, dict(paths), tmp_path / "reference")
+    pipe = WanPipeline.from_pretrained(reference, dtype=torch.float32)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=3.0)
+    pipe.register_to_config(boundary_ratio=0.7)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_frames=9, num_inference_steps=4,
+                    guidance_scale=4.0, guidance_scale_2=2.0, generator=torch.Generator("cpu").manual_seed(3),
+                    output_type="latent").frames
+    from video_offload.offload.pipeline.stages import latent_space
+
+    assert (latent - latent_space(handle.model).to_raw(expected)).abs().max() <= 1e-4

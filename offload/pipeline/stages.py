@@ -105,6 +105,9 @@ def job_memory(manager: OffloadManager, model: LoadedModel, config: OffloadConfi
         elif config.dit_layerwise_offload:
             resident = config.resident_blocks if isinstance(config.resident_blocks, int) else 0
             layerwise = config.prefetch_depth + 1 + resident
+        if layerwise is None and len(dits) > 1:
+            # Resident or sharded, every expert stays placed for the whole run; streamed, they share one set of slots.
+            dit_bytes = sum(placed_bytes(model, name) for name in dits)
         device["DiT sampling"] = dit_parts(memory_model, space.tokens(shape), dit_bytes, itemsize, shape,
                                            layerwise_blocks=layerwise, shards=shards, sequence_split=split)
     vae = _name(model, Role.VAE)
