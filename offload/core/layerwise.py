@@ -28,6 +28,9 @@ What it does, for any model whose blocks are an ``nn.ModuleList`` of identically
   placement. The same code with ``device="cpu"`` computes on the CPU from fp8 storage.
 - Host-RAM budget: ``max_pinned_bytes`` page-locks only the first whole blocks of the arena; the rest stays
   pageable and still streams (each copy from it then blocks the host for its duration).
+- Experts: offloaders given one ``shared_slots`` (a model's DiTs that take turns, Wan2.2 A14B's two experts) stream
+  through one set of slots, and ``hand_over`` makes the last forward of one prefetch the next one's first blocks
+  instead of its own (``slot_sharing``): one expert's slots on the device, no stall at the switch.
 
 Loading lives in ``weights.streaming`` and the residency policy in ``residency.py``; this module is the pipeline.
 

@@ -8,7 +8,7 @@ the diffusers/transformers names, and deriving the config to build:
   placeholder (meta) tensors to learn the renaming without reading a weight. Shapes give the width (heads of 128,
   as ComfyUI's ``model_detection`` counts them), the input channels, the feed-forward width, the block count and the
   image embedder, hence the kind: :data:`DIT_KINDS` (Wan2.1 T2V, I2V); :data:`NOT_YET` names the Wan files this
-  pack recognises but does not run yet (Wan2.2 experts and TI2V-5B: add a row to ``DIT_KINDS`` and a spec);
+  format refuses (a Wan2.2 I2V A14B expert given alone: ``wan22.Wan22ExpertFormat`` reads the pair; TI2V-5B);
 - text encoder (``text_encoders/umt5_xxl_*.safetensors``): already transformers' ``UMT5EncoderModel`` names; its
   tokenizer is the sentencepiece model ComfyUI stores in the same file (``spiece_model``);
 - VAE (``vae/wan_2.1_vae.safetensors``): mapped by diffusers' ``convert_wan_vae_to_diffusers`` (the Wan2.1 layout;
