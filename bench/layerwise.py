@@ -79,6 +79,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--configs", default="1.3B,14B", help="comma list of: " + ", ".join((*CONFIGS, *A14B_CONFIGS)))
     p.add_argument("--a14b-steps", type=int, default=6, help="a14b: denoising steps (the switch is half way)")
+    p.add_argument("--a14b-one-folder", action="store_true",
+                   help="a14b: both experts read the same random weights (half the disk: 28.6 GB instead of 57 GB); "
+                        "they still have separate host copies and offloaders")
     p.add_argument("--frames", default="81,17", help="comma list of video frame counts (4k+1)")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)

@@ -13,7 +13,8 @@ against their neighbours (target <=1.05x), peak VRAM against one set of slots, a
 Weights are random, in the real configs' shapes (the low-noise expert from another seed). Every streamed row is
 checked bit for bit against resident.
 
-    python bench/layerwise.py --configs a14b --frames 81,17          # on an H200 (two 14B experts: ~57 GB of RAM)
+    python bench/layerwise.py --configs a14b --frames 81,17          # on an H200: two 14B experts, 57 GB of RAM
+                                                                      # and of disk (--a14b-one-folder: 28.6 GB)
     python bench/layerwise.py --configs a14b-tiny --tiny             # seconds on a CPU: every code path
 """
 
@@ -101,9 +102,11 @@ def switch_figures(times: list[float], switch: int) -> dict:
 def run_a14b(name: str, args, device, dtype, emit, bandwidth) -> tuple[list[dict], list[str], list[str]]:
     config = CONFIGS[A14B_CONFIGS[name]]
     root = Path(args.workdir)
-    folders = (root / f"wan-{A14B_CONFIGS[name]}", root / f"wan-{A14B_CONFIGS[name]}-low-noise")
-    write_s = write_random_weights(name, config, folders[0], dtype) + write_random_weights(
-        name + " low noise", config, folders[1], dtype, seed=1)
+    high = root / f"wan-{A14B_CONFIGS[name]}"
+    folders = (high, high if args.a14b_one_folder else root / f"wan-{A14B_CONFIGS[name]}-low-noise")
+    write_s = write_random_weights(name, config, folders[0], dtype)
+    if folders[1] != folders[0]:
+        write_s += write_random_weights(name + " low noise", config, folders[1], dtype, seed=1)
     steps, switch = args.a14b_steps, args.a14b_steps // 2
     rows, failures, errors = [], [], []
     resident: dict[int, dict] = {}
