@@ -430,3 +430,15 @@ def test_nodes_take_the_low_noise_expert_and_the_two_expert_sampling_options(a14
     from video_offload.offload.pipeline.stages import latent_space
 
     assert (latent - latent_space(handle.model).to_raw(expected)).abs().max() <= 1e-4
+
+
+def test_the_command_line_takes_both_experts(a14b_files, tmp_path):
+    from video_offload.offload.pipeline.cli import main
+
+    paths = a14b_files["t2v"][1]["fp8_scaled"]
+    out = tmp_path / "video.mp4"
+    code = main(["generate", "--dit", str(paths["dit"]), "--dit-2", str(paths["dit_2"]), "--text-encoder",
+                 str(paths["text_encoder"]), "--vae", str(paths["vae"]), "--height", "64", "--width", "64",
+                 "--num-frames", "5", "--num-inference-steps", "2", "--guidance-scale-2", "2.5", "--boundary-ratio",
+                 "0.8", "--precision", "float32", "--device", "cpu", "--output-path", str(out)])
+    assert code == 0 and out.stat().st_size > 0
