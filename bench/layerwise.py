@@ -22,6 +22,13 @@ Single files and the host-RAM budget (issue 11), extra modes:
     python bench/layerwise.py --tiny           # seconds, on CPU or GPU: smoke test of every code path
     python bench/layerwise.py --configs 14B --frames 17,81 \
         --modes resident,resident_fp8_widened,ours_fp8_stream,ours_fp8_auto,ours_stream,ours_stream_budget
+
+Wan2.2 A14B, two experts (issue 13): ``--configs a14b`` (``a14b-tiny`` on a CPU) runs a denoising-like sequence of
+steps (two forwards each, CFG) that switches from the high-noise to the low-noise expert half way, resident (both
+experts on the GPU) and streamed through one shared set of slots, with and without the prefetch of the next
+expert's first blocks: ``bench/layerwise_a14b.py``.
+
+    python bench/layerwise.py --configs a14b --frames 81,17
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ CONFIGS = {
     # Heads of 128, as every Wan DiT: a single file says its width, not its head count (ComfyUI reads width / 128).
     "tiny": dict(WAN_DIT_COMMON, num_attention_heads=2, attention_head_dim=128, text_dim=32, ffn_dim=64, num_layers=6),
 }
+A14B_CONFIGS = {"a14b": "14B", "a14b-tiny": "tiny"}
+"""Two experts of the named shape (random weights, the low-noise expert from another seed): bench/layerwise_a14b.py."""
 MODES = ("resident", "ours_stream", "ours_auto", "diffusers_group")
 FP8_MODES = ("resident_fp8_widened", "ours_fp8_stream", "ours_fp8_auto")
 EXTRA_MODES = ("ours_stream_pageable", "ours_stream_budget") + FP8_MODES
@@ -68,7 +77,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--configs", default="1.3B,14B", help="comma list of: " + ", ".join(CONFIGS))
+    p.add_argument("--configs", default="1.3B,14B", help="comma list of: " + ", ".join((*CONFIGS, *A14B_CONFIGS)))
+    p.add_argument("--a14b-steps", type=int, default=6, help="a14b: denoising steps (the switch is half way)")
+    p.add_argument("--a14b-one-folder", action="store_true",
+                   help="a14b: both experts read the same random weights (half the disk: 28.6 GB instead of 57 GB); "
+                        "they still have separate host copies and offloaders")
     p.add_argument("--frames", default="81,17", help="comma list of video frame counts (4k+1)")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
@@ -85,14 +98,17 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny model, 64x64, 5 and 9 frames: a CPU smoke test")
     args = p.parse_args(argv)
     if args.tiny:
-        args.configs, args.frames, args.height, args.width, args.text_tokens = "tiny", "9,5", 64, 64, 16
+        tiny = "a14b-tiny" if "a14b" in args.configs else "tiny"  # --configs a14b --tiny: the two-expert rows
+        args.configs, args.frames, args.height, args.width, args.text_tokens = tiny, "9,5", 64, 64, 16
         args.warmup, args.repeats = 1, 3
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     args.frames = [int(f) for f in args.frames.split(",") if f.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for c in args.configs:
-        if c not in CONFIGS:
-            p.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+        if c not in CONFIGS and c not in A14B_CONFIGS:
+            p.error(f"unknown config {c!r}; choose from {', '.join((*CONFIGS, *A14B_CONFIGS))}")
+    if any(c in A14B_CONFIGS for c in args.configs) and args.a14b_steps < 4:
+        p.error("--a14b-steps: at least 4 (a switch with a step on each side of it)")
     for m in args.modes:
         if m not in MODES + EXTRA_MODES:
             p.error(f"unknown mode {m!r}; choose from {', '.join(MODES + EXTRA_MODES)}")
@@ -152,7 +168,7 @@ def measure_h2d(device: torch.device, nbytes: int = GiB, repeats: int = 5) -> di
 
 
 def write_random_weights(
-    name: str, config: dict, folder: Path, dtype: torch.dtype, shard_bytes: int = 2 * GiB
+    name: str, config: dict, folder: Path, dtype: torch.dtype, shard_bytes: int = 2 * GiB, seed: int = 0
 ) -> float:
     """Write a Diffusers-format folder with random weights, shard by shard (host memory: one shard + a pool).
 
@@ -163,7 +179,7 @@ def write_random_weights(
     from safetensors.torch import save_file
 
     marker = folder / "complete.json"
-    stamp = {"config": config, "dtype": str(dtype)}
+    stamp = {"config": config, "dtype": str(dtype), **({"seed": seed} if seed else {})}
     if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(stamp)):
         return 0.0
     start = time.perf_counter()
@@ -174,7 +190,7 @@ def write_random_weights(
         model = WanTransformer3DModel.from_config(config)
     model.save_config(str(folder))
     keep = WanTransformer3DModel._keep_in_fp32_modules or []
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     pool = (torch.randn(2**24 + 4099, generator=gen) * 0.02).to(dtype)
     pool32 = pool.float()
     weight_map, shard, shard_size, index = {}, {}, 0, 0
@@ -461,6 +477,15 @@ def main(argv=None) -> int:
     failures, errors, rows = [], [], []
 
     for name in args.configs:
+        if name in A14B_CONFIGS:
+            from layerwise_a14b import run_a14b  # bench/ is the script's folder, on sys.path
+
+            a14b_rows, a14b_failures, a14b_errors = run_a14b(name, args, device, dtype, lambda row: emit(row, out_file),
+                                                             bandwidth)
+            rows += a14b_rows
+            failures += a14b_failures
+            errors += a14b_errors
+            continue
         config = CONFIGS[name]
         folder = Path(args.workdir) / f"wan-{name}"
         write_s = write_random_weights(name, config, folder, dtype)

@@ -11,7 +11,7 @@ from .latents import to_comfy_latent
 from .validation import check_sampling_widgets, problems, report
 
 CATEGORY = "Video Offload"
-WIDGET_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg"}
+WIDGET_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg", "guidance_scale_2": "cfg_2"}
 """Engine field -> Sample widget, so an error names the box the user typed into."""
 
 
@@ -76,7 +76,15 @@ class Sample:
                     "5.0 in 720p ones); set 3.0 for 480p or 5.0 for 720p to override."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip":
                     "Initial noise is drawn on the CPU, so a seed gives the same video on any GPU."}),
-            }
+            },
+            "optional": {
+                "cfg_2": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
+                    "Wan2.2 A14B only: guidance of the low-noise expert's steps. 0 uses cfg. As in diffusers, cfg "
+                    "alone decides whether the negative prompt runs at all."}),
+                "boundary_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.005, "tooltip":
+                    "Wan2.2 A14B only: the high-noise expert runs while the timestep is at least this x 1000, the "
+                    "low-noise one after. 0 keeps the model's (0.875 T2V, 0.9 I2V)."}),
+            },
         }
 
     RETURN_TYPES = ("LATENT",)
@@ -93,11 +101,13 @@ class Sample:
         return report(check_sampling_widgets(width=width, height=height, num_frames=num_frames, cfg=cfg,
                                              flow_shift=flow_shift))
 
-    def sample(self, model: ModelHandle, conditioning, width, height, num_frames, steps, cfg, flow_shift, seed):
+    def sample(self, model: ModelHandle, conditioning, width, height, num_frames, steps, cfg, flow_shift, seed,
+               cfg_2=None, boundary_ratio=None):
         try:
             params = SamplingParams(
                 height=height, width=width, num_frames=num_frames, num_inference_steps=steps,
                 guidance_scale=cfg, flow_shift=None if flow_shift == 0 else flow_shift, seed=seed,
+                guidance_scale_2=None if not cfg_2 else cfg_2, boundary_ratio=None if not boundary_ratio else boundary_ratio,
             )
         except ConfigError as e:
             raise e.renamed(WIDGET_NAMES.get(e.field, e.field)) from None

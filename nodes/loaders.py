@@ -127,7 +127,10 @@ class WanModelFromFiles:
             },
             "optional": {
                 "clip_vision": (COMPONENT_TYPES["image_encoder"], {"tooltip":
-                    "Image-to-video models only: from Load CLIP Vision."}),
+                    "Wan2.1 image-to-video models only: from Load CLIP Vision."}),
+                "dit_2": (COMPONENT_TYPES["dit"], {"tooltip":
+                    "Wan2.2 A14B only: the low-noise expert (wan2.2_*_low_noise_14B_*), from a second Load Wan DiT; "
+                    "dit is then the high-noise expert."}),
             },
         }
 
@@ -140,8 +143,10 @@ class WanModelFromFiles:
                    "fp8 in RAM and over PCIe.")
 
     def assemble(self, dit: ComponentFile, text_encoder: ComponentFile, vae: ComponentFile, precision, vae_precision,
-                 clip_vision: ComponentFile | None = None):
+                 clip_vision: ComponentFile | None = None, dit_2: ComponentFile | None = None):
         files = {part.argument: part.path for part in (dit, text_encoder, vae, clip_vision) if part is not None}
+        if dit_2 is not None:
+            files["dit_2"] = dit_2.path
         manager = shared_manager()
         model = load_model(manager, files, Precision(dit=precision, vae=vae_precision))
         return (ModelHandle(manager, model, OffloadConfig()),)

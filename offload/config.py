@@ -326,6 +326,14 @@ class SamplingParams:
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
     """Classifier-free guidance; at 1.0 or below the negative prompt is not used (diffusers' rule)."""
+    guidance_scale_2: float | None = None
+    """Two-expert models (Wan2.2 A14B) only: the guidance of the low-noise expert's steps; None uses
+    ``guidance_scale``. As in diffusers, whether guidance runs at all is decided by ``guidance_scale`` alone: with
+    ``guidance_scale`` <= 1 no step runs the negative prompt, whatever this says."""
+    boundary_ratio: float | None = None
+    """Two-expert models only: the high-noise expert runs while ``t >= boundary_ratio * num_train_timesteps``, the
+    low-noise one after; None keeps the model's (its folder's ``model_index.json``, else 0.875 for T2V and 0.9 for
+    I2V)."""
     flow_shift: float | None = None
     """Noise-schedule shift; None keeps the model folder's value (3.0 suits 480p, 5.0 suits 720p)."""
     seed: int = 0
@@ -344,6 +352,12 @@ class SamplingParams:
                                                 "use 20-50 steps (at least 1)"))
         put("guidance_scale", _require_float("guidance_scale", self.guidance_scale, 0.0, 100.0,
                                              "use 5.0 (the default), or 1.0 to disable"))
+        if self.guidance_scale_2 is not None:
+            put("guidance_scale_2", _require_float("guidance_scale_2", self.guidance_scale_2, 0.0, 100.0,
+                                                   "use a guidance like 3.0, or leave it empty to use guidance_scale"))
+        if self.boundary_ratio is not None:
+            put("boundary_ratio", _require_float("boundary_ratio", self.boundary_ratio, 0.0, 1.0,
+                                                 "use 0.875 (Wan2.2 T2V) or 0.9 (Wan2.2 I2V), or leave it empty"))
         if self.flow_shift is not None:
             put("flow_shift", _require_float("flow_shift", self.flow_shift, 0.01, 100.0, "use 3.0 for 480p or 5.0 for 720p"))
         put("seed", _require_int("seed", self.seed, 0, 2**64 - 1, "use a whole number from 0 to 2**64-1"))
@@ -351,6 +365,13 @@ class SamplingParams:
     @property
     def uses_guidance(self) -> bool:
         return self.guidance_scale > 1.0
+
+    def guidance_for(self, expert: int) -> float:
+        """The guidance scale of a step run by DiT number ``expert`` (0: the first, or only, one): diffusers'
+        ``guidance_scale`` for the first, ``guidance_scale_2`` (defaulting to it) for the others."""
+        if expert == 0 or self.guidance_scale_2 is None:
+            return self.guidance_scale
+        return self.guidance_scale_2
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from video_offload.offload.families.wan.comfy_export import KEY_LAYOUTS
 
 LAYOUTS = ("bf16", "fp16", "fp8_e4m3fn", "fp8_scaled")
-FOLDER_NAMES = {"dit": "transformer", "text_encoder": "text_encoder", "vae": "vae", "image_encoder": "image_encoder"}
+FOLDER_NAMES = {"dit": "transformer", "dit_2": "transformer_2", "text_encoder": "text_encoder", "vae": "vae",
+                "image_encoder": "image_encoder"}
 TEXT = """A curious raccoon peers through a vibrant field of yellow sunflowers.
 A majestic lion strides across the golden savanna at dawn.
 Bright tones, overexposed, static, blurred details, subtitles, worst quality, low quality.
@@ -56,7 +57,8 @@ def reference_folder(folder: Path, paths: dict[str, Path], target: Path) -> Path
             scaled = "scaled_fp8" in keys
             rebuilt = {}
             for name in names:
-                key = prefix + KEY_LAYOUTS[component]("shared.weight" if name == "encoder.embed_tokens.weight" else name)
+                key_of = KEY_LAYOUTS["transformer" if component == "transformer_2" else component]
+                key = prefix + key_of("shared.weight" if name == "encoder.embed_tokens.weight" else name)
                 stored = handle.get_tensor(key)
                 scale_key = key[: -len("weight")] + "scale_weight"
                 scale = handle.get_tensor(scale_key) if scaled and scale_key in keys else None

@@ -246,7 +246,7 @@ def test_other_wan_files_are_recognised_and_refused_by_name(files, tmp_path):
         image_keys = [k for k in handle.keys() if ".img_emb." in f".{k}" or "_img." in k or "norm_k_img" in k]
     wan22 = rewrite(dit, tmp_path / "wan2.2_i2v_high_noise_14B.safetensors", drop=image_keys)
     with pytest.raises(ModelLoadError, match=r"wan2\.2_i2v_high_noise_14B\.safetensors is not a DiT this pack runs "
-                                             r"\(it is a Wan2\.2 I2V A14B expert .*not supported yet\)"):
+                                             r"\(it is a Wan2\.2 I2V A14B expert .*give it as dit with its low-noise expert as dit_2"):
         open_files({**paths, "dit": wan22})
     flf = rewrite(dit, tmp_path / "flf2v.safetensors", extra={"model.diffusion_model.img_emb.emb_pos": torch.zeros(1, 2, 3)})
     with pytest.raises(ModelLoadError, match=r"FLF2V .*which this pack does not run"):

@@ -149,7 +149,7 @@ class ToyStages:
     def noise_predictor(self, dit, conditioning, device, dtype) -> ToyPredictor:
         return ToyPredictor(dit, conditioning, device, dtype)
 
-    def dit_for_step(self, source, dits, timestep, num_train_timesteps) -> str:
+    def dit_for_step(self, source, dits, timestep, num_train_timesteps, params) -> str:
         return dits[0]
 
     @torch.no_grad()

@@ -57,11 +57,16 @@ class BranchPredictor(Protocol):
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch) -> torch.Tensor: ...
 
 
-def guided_prediction(predictor: BranchPredictor, latents: torch.Tensor, timestep: torch.Tensor, scale: float) -> torch.Tensor:
+def guided_prediction(predictor: BranchPredictor, latents: torch.Tensor, timestep: torch.Tensor, scale: float,
+                      guided: bool | None = None) -> torch.Tensor:
     """Classifier-free guidance as diffusers computes it: the two passes stay separate (not batched), so numbers
-    match the reference and the activation peak stays that of a batch of one - the point is to fit small GPUs."""
+    match the reference and the activation peak stays that of a batch of one - the point is to fit small GPUs.
+
+    ``guided`` says whether the negative pass runs (default: ``scale > 1``). Two-expert models pass it from the
+    first expert's scale for every step, as diffusers decides it (``do_classifier_free_guidance``), so a second
+    expert's scale of 1 still runs both passes and computes ``u + 1 * (c - u)``."""
     noise_pred = predictor(latents, timestep, "cond")
-    if scale > 1.0 and predictor.has_uncond:
+    if (scale > 1.0 if guided is None else guided) and predictor.has_uncond:
         noise_uncond = predictor(latents, timestep, "uncond")
         noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
     return noise_pred

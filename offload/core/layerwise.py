@@ -28,6 +28,9 @@ What it does, for any model whose blocks are an ``nn.ModuleList`` of identically
   placement. The same code with ``device="cpu"`` computes on the CPU from fp8 storage.
 - Host-RAM budget: ``max_pinned_bytes`` page-locks only the first whole blocks of the arena; the rest stays
   pageable and still streams (each copy from it then blocks the host for its duration).
+- Experts: offloaders given one ``shared_slots`` (a model's DiTs that take turns, Wan2.2 A14B's two experts) stream
+  through one set of slots, and ``hand_over`` makes the last forward of one prefetch the next one's first blocks
+  instead of its own (``slot_sharing``): one expert's slots on the device, no stall at the switch.
 
 Loading lives in ``weights.streaming`` and the residency policy in ``residency.py``; this module is the pipeline.
 
@@ -54,6 +57,7 @@ from ..errors import ConfigError
 from .block_slots import BlockSlots
 from .host_memory import FlatLayout, HostArena
 from .residency import AutoResidency, spread_resident
+from .slot_sharing import SharedSlots
 from .stored_format import StagedLayout, StoredFormat
 from .tensors import TensorRef, tensor_refs
 
@@ -169,6 +173,7 @@ class LayerwiseOffloader:
         weights: WeightSource | None = None,
         host_modules: tuple[str, ...] = (),
         max_pinned_bytes: int | None = None,
+        shared_slots: SharedSlots | None = None,
     ):
         """Adopt ``model``: lay its blocks out in host memory, move everything else to ``device``, install hooks.
 
@@ -182,6 +187,9 @@ class LayerwiseOffloader:
 
         ``max_pinned_bytes`` (with ``pin_cpu_memory``): page-lock at most this much of the arena, whole blocks from
         the first; None pins all of it.
+
+        ``shared_slots``: stream through slots shared with other offloaders that take turns with this one (the
+        experts of one model: ``slot_sharing``), instead of slots of its own.
         """
         _check_options(pin_cpu_memory, prefetch_depth, resident_blocks)
         self.device = _resolve_device(device)
@@ -226,6 +234,10 @@ class LayerwiseOffloader:
         self._closed = False
         self._released = False
         self._host_modules = [model.get_submodule(name) for name in host_modules]
+        self._shared = shared_slots
+        self._handoff: tuple[LayerwiseOffloader, int] | None = None  # (next offloader, forwards until its turn)
+        self._handing_over: LayerwiseOffloader | None = None  # this forward's wrap-around prefetches go to it
+        self._handoff_live: LayerwiseOffloader | None = None  # armed for this forward's wrap-around
 
         # Build host views and GPU copies outside inference mode, so they are ordinary tensors whatever the caller's
         # mode (ComfyUI loads models inside torch.inference_mode()).
@@ -389,9 +401,7 @@ class LayerwiseOffloader:
     def _free_device_memory(self) -> None:
         """Drop resident blocks and slots, and unpin (the host views stay valid as pageable memory)."""
         self._resident_flat.clear()
-        if self._slots is not None:
-            self._slots.close()
-            self._slots = None
+        self._drop_slots()
         self._finalizer()  # HostArena.release
 
     # ----------------------------------------------------------------------------------------------- construction
@@ -514,16 +524,70 @@ class LayerwiseOffloader:
             for position, i in enumerate(self._streamed):
                 self._position[i] = position
             if self._streamed and self._slots is None:
-                self._slots = BlockSlots(nbytes, self.prefetch_depth + 1, self.device, staged=self.staged)
+                self._slots = self._new_slots(nbytes)
                 self._slot_views = [[s.view_into(buf) for s in self.layout.slots] for buf in self._slots.buffers]
             elif not self._streamed and self._slots is not None:
-                self._slots.close()
-                self._slots = None
-                self._slot_views = []
-        self._free = deque(range(self._slots.count)) if self._slots else deque()
+                self._drop_slots()
+        if self._slots is not None and self._shares_slots:
+            self._shared.reset_free(self)
+            self._free = self._shared.free
+        else:
+            self._free = deque(range(self._slots.count)) if self._slots else deque()
         for i, resident in enumerate(mask):
             logger.debug("%s.%d: %s", self._blocks_name, i, "resident" if resident else "streamed")
         self._fill()  # prefetch the first streamed block(s) of the next forward
+
+    def _new_slots(self, nbytes: int) -> BlockSlots:
+        count = self.prefetch_depth + 1
+        if self._shared is not None:
+            slots = self._shared.acquire(self, nbytes, count, self.device, self.staged)
+            if slots is not None:
+                return slots
+        return BlockSlots(nbytes, count, self.device, staged=self.staged)
+
+    @property
+    def _shares_slots(self) -> bool:
+        return self._shared is not None and self._slots is not None and self._shared.slots is self._slots
+
+    def _drop_slots(self) -> None:
+        """Give up the slots: free them, or (shared) leave them to the other holders."""
+        if self._slots is None:
+            return
+        if self._shares_slots:
+            self._shared.release(self)
+        else:
+            self._slots.close()
+        self._slots = None
+        self._slot_views = []
+        self._free = deque()
+
+    def yield_slots(self) -> None:
+        """Another offloader sharing these slots takes its turn: forget the copies queued for this one's next
+        forward (their slots return to the shared free list). Never called while this one runs a forward."""
+        self._handoff = None
+        self._handing_over = None
+        self._reset_pipeline()
+
+    def hand_over(self, following: LayerwiseOffloader, after_forwards: int = 1) -> None:
+        """Tell this offloader that ``following`` (sharing its slots) runs after its next ``after_forwards``
+        forwards: the last of those, instead of prefetching this model's first blocks for a forward that will not
+        come, prefetches ``following``'s first blocks into the free slots, so they cross while this model's last
+        blocks compute. Does nothing when the two do not share slots."""
+        if after_forwards < 1:
+            raise ValueError(f"after_forwards={after_forwards}: must be 1 or more")
+        if following is self or not self._shares_slots or following._slots is not self._slots:
+            return
+        self._handoff = (following, after_forwards)
+
+    def queued_blocks(self) -> tuple[int, ...]:
+        """Blocks whose copies are issued into slots ahead of their use, in the order they will run (what a test
+        asks to see that the next expert's first blocks arrived before its turn)."""
+        return tuple(self._streamed[position] for position, _ in self._queue)
+
+    @property
+    def slot_set(self) -> BlockSlots | None:
+        """The streaming slots in use (shared with other offloaders, or its own), None when nothing streams."""
+        return self._slots
 
     def _reset_pipeline(self) -> None:
         """Forget queued copies and put back a block an aborted forward left in a slot. Safe at any point: a copy
@@ -539,11 +603,19 @@ class LayerwiseOffloader:
     def _fill(self) -> None:
         """Issue copies into every free slot, in streamed order with wrap-around, at most one per streamed block
         ahead (with few streamed blocks, more would only copy the same block twice)."""
+        if self._handing_over is not None:
+            self._handing_over._fill()  # this forward's wrap-around belongs to the next expert
+            return
         slots, queue, free = self._slots, self._queue, self._free
         limit = len(self._streamed)
         while free and len(queue) < limit:
-            slot = free.popleft()
             position = self._next_issue
+            if position == 0 and self._handoff_live:
+                # The wrap-around of this model's last forward: the next expert's first blocks go in instead.
+                self._handing_over, self._handoff_live = self._handoff_live, None
+                self._handing_over._fill()
+                return
+            slot = free.popleft()
             slots.load(slot, self._host_flat[self._streamed[position]])
             queue.append((position, slot))
             self._next_issue = (position + 1) % limit
@@ -574,6 +646,7 @@ class LayerwiseOffloader:
         if not queue or queue[0][0] != position:
             # Out of the expected order (first forward, after an interrupt, or a caller that skips blocks):
             # restart the pipeline here. Correct, just not overlapped for this one block.
+            self._handing_over = None
             self._discard_queue()
             self._next_issue = position
             self._fill()
@@ -599,8 +672,12 @@ class LayerwiseOffloader:
 
     def _on_forward_start(self, module: nn.Module, args, kwargs) -> None:
         self._forwards += 1
+        self._handoff_live = None
+        self._handing_over = None
         if self._released:
             self._restore_device()
+        if self._shares_slots:
+            self._shared.take_turn(self)
         if self._active is not None:
             self._recover()
         if self.resident_option == "auto":
@@ -617,6 +694,11 @@ class LayerwiseOffloader:
             self._discard_queue()
             self._next_issue = 0
             self._fill()
+        if self._handoff is not None:
+            following, remaining = self._handoff
+            self._handoff = (following, remaining - 1) if remaining > 1 else None
+            if remaining == 1 and following._slots is self._slots and not following._closed:
+                self._handoff_live = following  # armed after this forward's own first block is queued
 
     def _on_forward_end(self, module: nn.Module, args, output) -> None:
         count = self._auto.finish(
@@ -632,6 +714,8 @@ class LayerwiseOffloader:
         # Runs after _on_forward_end on success, and alone when the forward raised: an unfinished measurement is
         # dropped (the next forward measures again) and a block left in a slot goes back to host memory.
         self._auto.abort()
+        self._handoff_live = None
+        self._handing_over = None
         if self._active is not None:
             self._recover()
 
@@ -696,11 +780,7 @@ class LayerwiseOffloader:
                 if t.device.type != "cpu":
                     t.data = t.data.to("cpu")
         self._resident_flat.clear()
-        if self._slots is not None:
-            self._slots.close()
-            self._slots = None
-            self._slot_views = []
-        self._free.clear()
+        self._drop_slots()
         self._released = True
 
     def _restore_device(self) -> None:
@@ -743,8 +823,10 @@ class LayerwiseOffloader:
         if self._closed:
             return
         self._stop_streaming()
+        if self._active is not None:  # slots go back to the free list (shared slots stay usable by the others)
+            self._free.append(self._active[1])
         self._active = None
-        self._queue.clear()
+        self._discard_queue()
         with torch.inference_mode(False), torch.no_grad():
             for i in range(len(self.blocks)):
                 self._point(i, self._resting_views[i])
@@ -752,7 +834,7 @@ class LayerwiseOffloader:
                 if t.device.type != "cpu":
                     t.data = t.data.to("cpu")
         self._slot_views = []
-        self._free.clear()
+        self._free = deque()
         self._streamed = []
         self._position = [-1] * len(self.blocks)
         self._non_block = []

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..config import Precision
+from .slot_sharing import SharedSlots
 from .spec import ModelSource, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class ModelResources:
     worker_group: Any = None
     """The FSDP worker group while the DiTs are sharded over GPUs."""
     worker_group_key: Any = None
+    dit_slots: SharedSlots = field(default_factory=lambda: SharedSlots("DiT experts"))
+    """The one set of streaming slots every streamed DiT of the model uses (two experts take turns in it)."""
 
     def drop_layerwise(self, name: str | None = None) -> None:
         """Close the offloader of DiT ``name`` (every DiT's when None)."""

@@ -310,6 +310,8 @@ class OffloadManager:
             resident_blocks=resident_blocks,
             host_modules=component.host_modules,
             max_pinned_bytes=self.pin_allowance(config) if config.pin_cpu_memory else None,
+            # Experts take turns: one set of slots for all of a model's DiTs (core.slot_sharing).
+            shared_slots=resources.dit_slots if component.role is Role.DIT else None,
         )
         if not narrow and (name in model.components or component.role is not Role.DIT):
             # Adopt the module loaded in host memory (its tensors move into the arena block by block).
@@ -372,6 +374,14 @@ class OffloadManager:
         )
         return offloader.model
 
+    def prefetch_next_dit(self, model: LoadedModel, current: str, following: str, forwards: int) -> None:
+        """The denoising loop's notice, before the last step of DiT ``current``: ``following`` runs next, after
+        ``forwards`` more forwards of ``current``. When both stream through the shared slots, the last of those
+        forwards prefetches ``following``'s first blocks (no stall at the switch); otherwise nothing to do."""
+        offloaders = model.resources.offloaders
+        if current in offloaders and following in offloaders:
+            offloaders[current].hand_over(offloaders[following], forwards)
+
     def offloader(self, model: LoadedModel, name: str) -> LayerwiseOffloader | None:
         """The layerwise offloader streaming DiT ``name``, if it streams."""
         return model.resources.offloaders.get(name)
@@ -404,11 +414,16 @@ class OffloadManager:
         for model in self.models():
             resources = model.resources
             total += sum(p.nbytes for p in resources.placers.values() if p.device_buffer is not None)
+            counted_slots: set[int] = set()
             for offloader in resources.offloaders.values():
                 if offloader.device != self.device:
                     continue  # a component streamed on the CPU (an fp8 text encoder under CPU offload)
                 stats = offloader.stats()
-                total += stats.slot_bytes + stats.resident_bytes + stats.non_block_bytes
+                total += stats.resident_bytes + stats.non_block_bytes
+                slots = offloader.slot_set
+                if slots is not None and id(slots) not in counted_slots:  # slots shared by experts count once
+                    counted_slots.add(id(slots))
+                    total += stats.slot_bytes
         return total
 
     def available_bytes(self) -> int | None:

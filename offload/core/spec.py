@@ -265,6 +265,9 @@ class ModelSource(Protocol):
         """The component built on the meta device (buffers computed), for streaming or sharding."""
     def describe(self) -> dict:
         """Plain data from which a worker process reopens the same source (``weights.open_source``)."""
+    def pipeline_config(self) -> dict:
+        """The pipeline's own settings (``model_index.json`` without its components: Wan2.2's ``boundary_ratio``);
+        empty when no Diffusers folder gives them."""
 
 
 class FamilyStages(Protocol):
@@ -286,8 +289,10 @@ class FamilyStages(Protocol):
     def noise_predictor(
         self, dit: nn.Module, conditioning: Conditioning, device: torch.device, dtype: torch.dtype
     ) -> BranchPredictor: ...
-    def dit_for_step(self, source: ModelSource, dits: tuple[str, ...], timestep: float, num_train_timesteps: int) -> str:
-        """The denoising loop's choice of DiT for the step at ``timestep`` (one DiT: always it)."""
+    def dit_for_step(self, source: ModelSource, dits: tuple[str, ...], timestep: float, num_train_timesteps: int,
+                     params: SamplingParams) -> str:
+        """The denoising loop's choice of DiT for the step at ``timestep`` (one DiT: always it; two experts: by the
+        boundary, which ``params.boundary_ratio`` may override)."""
     def decode(self, vae: nn.Module, latents: torch.Tensor, space: LatentSpace, device: torch.device,
                tiling: str = "off", available_bytes: int | None = None) -> torch.Tensor:
         """Normalised latents -> frames ``[F, H, W, 3]`` float32 in 0..1 (``tiling`` as for ``image_condition``)."""

@@ -215,7 +215,8 @@ def parallelize(
 
 
 def cfg_parallel_prediction(
-    predictor: BranchPredictor, latents: torch.Tensor, timestep: torch.Tensor, scale: float, parallelism: Parallelism
+    predictor: BranchPredictor, latents: torch.Tensor, timestep: torch.Tensor, scale: float, parallelism: Parallelism,
+    guided: bool | None = None,
 ) -> torch.Tensor:
     """Classifier-free guidance with the two branches on the two halves of the mesh's cfg dimension.
 
@@ -226,9 +227,9 @@ def cfg_parallel_prediction(
     """
     from ..core.denoise import guided_prediction
 
-    guided = scale > 1.0 and predictor.has_uncond
+    guided = (scale > 1.0 if guided is None else guided) and predictor.has_uncond
     if not (guided and parallelism.plan.cfg == 2):
-        return guided_prediction(predictor, latents, timestep, scale)
+        return guided_prediction(predictor, latents, timestep, scale, guided)
     mine = predictor(latents, timestep, "cond" if parallelism.cfg_rank == 0 else "uncond").contiguous()
     both = [torch.empty_like(mine) for _ in range(2)]
     dist.all_gather(both, mine, group=parallelism.cfg_group)

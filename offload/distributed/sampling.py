@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import SamplingParams
 from ..core.denoise import Conditioning, denoise, make_scheduler
+from ..core.experts import ExpertSchedule
 from ..core.spec import Role
 from .fsdp import cfg_parallel_prediction
 
@@ -42,8 +43,13 @@ def sample_in_workers(worker: Any, payload: dict, observer: Any) -> dict:
     dits = tuple(worker.models)
     num_train = int(scheduler.config.get("num_train_timesteps", 1000))
 
+    schedule: list[ExpertSchedule] = []
+
     def predict(index, latents, timestep):
-        name = spec.stages.dit_for_step(worker.source, dits, float(timestep[0]), num_train)
-        return cfg_parallel_prediction(predictors[name], latents, timestep, params.guidance_scale, worker.parallelism[name])
+        if not schedule:  # the scheduler's timesteps are set by now
+            schedule.append(ExpertSchedule.of(spec.stages, worker.source, dits, scheduler.timesteps, num_train, params))
+        name = schedule[0].dit(index)
+        scale, guided = schedule[0].guidance(index)
+        return cfg_parallel_prediction(predictors[name], latents, timestep, scale, worker.parallelism[name], guided)
 
     return {"latents": denoise(predict, scheduler, params, payload["noise"], worker.device, observer)}

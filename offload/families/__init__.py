@@ -83,22 +83,27 @@ def open_files(files: dict[str, Any]) -> tuple[SingleFiles, ModelSpec]:
     if dit in (None, ""):
         raise ModelLoadError("dit is missing: a model needs its DiT. Fix: pass dit= a diffusion_models file or a "
                              "Diffusers folder.")
+    experts = 2 if files.get("dit_2") not in (None, "") else 1
     if isinstance(dit, (str, Path)) and Path(dit).expanduser().is_dir():
         folder = DiffusersFolder.open(dit, folder_hint())
         spec = spec_for_index(folder.index, folder.path)
     else:
-        spec = spec_for_dit_file(dit)
+        spec = spec_for_dit_file(dit, experts)
     return SingleFiles.open(spec, files), spec
 
 
-def spec_for_dit_file(path: Any) -> ModelSpec:
-    """The registered spec whose DiT format recognises the file (the most recently registered first)."""
+def spec_for_dit_file(path: Any, experts: int = 1) -> ModelSpec:
+    """The registered spec whose DiT format recognises the file (the most recently registered first), among the
+    specs with ``experts`` DiTs: single files of a two-expert model (Wan2.2 A14B) look like one-DiT files, so the
+    number of DiT files given decides."""
     file, entries = read_single_file(path, "dit")
     from ..core.spec import FileTensor
 
     tensors = {k: FileTensor(e.shape, e.dtype) for k, e in entries.items() if not is_bookkeeping(k)}
     reasons = []
     for spec in reversed(registered()):
+        if len(spec.by_role(Role.DIT)) != experts:
+            continue
         dit = spec.first(Role.DIT)
         fmt = spec.files.get(dit.name) if dit is not None else None
         if fmt is None or not hasattr(fmt, "recognise"):

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             " or a Diffusers folder")
     gen.add_argument("--vae", help="with --dit: the VAE file (wan_2.1_vae.safetensors) or a Diffusers folder")
     gen.add_argument("--image-encoder", help="with --dit, image-to-video: the CLIP vision file (clip_vision_h.safetensors)")
+    gen.add_argument("--dit-2", help="with --dit, Wan2.2 A14B: the low-noise expert's file (--dit is the high-noise "
+                                     "one, e.g. wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors)")
     gen.add_argument("--prompt", default="A curious raccoon peers through a vibrant field of yellow sunflowers.")
     gen.add_argument("--negative-prompt", default="")
     defaults = SamplingParams()
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         gen.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {getattr(defaults, name)}")
     gen.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
     gen.add_argument("--flow-shift", type=float, default=None, help="default: the model folder's")
+    gen.add_argument("--guidance-scale-2", type=float, default=None,
+                     help="two-expert models (Wan2.2 A14B): the low-noise expert's guidance (default: --guidance-scale)")
+    gen.add_argument("--boundary-ratio", type=float, default=None,
+                     help="two-expert models: the high-noise expert runs while t >= ratio*1000 (default: the model's)")
     gen.add_argument("--output-path", default="outputs/", help="a folder, or a file name ending in .mp4")
     gen.add_argument("--fps", type=int, default=16)
     gen.add_argument("--no-save", action="store_true", help="do not write the .mp4")
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: --dit needs {' and '.join(missing)} (the model's other single files)", file=sys.stderr)
                 return 2
             model_path = {"dit": args.dit, "text_encoder": args.text_encoder, "vae": args.vae,
-                          "image_encoder": args.image_encoder}
+                          "image_encoder": args.image_encoder, "dit_2": args.dit_2}
         else:
             model_path = Path(args.model_path)
         sizes = {k: v for k, v in sizes.items() if v is not None}
@@ -109,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             args.prompt,
             negative_prompt=args.negative_prompt,
             guidance_scale=args.guidance_scale,
+            guidance_scale_2=args.guidance_scale_2,
+            boundary_ratio=args.boundary_ratio,
             flow_shift=args.flow_shift,
             output_path=args.output_path,
             save_video=not args.no_save,

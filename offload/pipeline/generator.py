@@ -74,6 +74,7 @@ class VideoGenerator:
         image_encoder: str | Path | None = None,
         num_gpus: int = 1,
         *,
+        dit_2: str | Path | None = None,
         precision: str = "auto",
         vae_precision: str = "float32",
         device: str | None = None,
@@ -84,8 +85,13 @@ class VideoGenerator:
         .safetensors``, ``text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors``, ``vae/wan_2.1_vae.safetensors``,
         and for image-to-video ``clip_vision/clip_vision_h.safetensors``); any of them may be a Diffusers folder
         instead. The kind of model is recognised from the DiT's keys and shapes. fp8 weights stay fp8 in host
-        memory and are widened on the GPU. Options as :meth:`from_pretrained`; no weight is read yet."""
+        memory and are widened on the GPU. Options as :meth:`from_pretrained`; no weight is read yet.
+
+        Wan2.2 A14B is two DiT files: ``dit`` the high-noise expert (``wan2.2_i2v_high_noise_14B_fp8_scaled
+        .safetensors``), ``dit_2`` the low-noise one (``..._low_noise_...``); no image encoder."""
         files = {"dit": dit, "text_encoder": text_encoder, "vae": vae, "image_encoder": image_encoder}
+        if dit_2 not in (None, ""):
+            files["dit_2"] = dit_2
         config = make_offload_config(num_gpus=num_gpus, **options)
         return cls(files, config, Precision(dit=precision, vae=vae_precision), manager or OffloadManager(device))
 
@@ -99,6 +105,8 @@ class VideoGenerator:
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
         flow_shift: float | None = None,
+        guidance_scale_2: float | None = None,
+        boundary_ratio: float | None = None,
         seed: int = 0,
         output_path: str | Path = "outputs/",
         save_video: bool = True,
@@ -110,6 +118,7 @@ class VideoGenerator:
 
         With ``save_video`` an .mp4 is written into ``output_path`` (a folder, or a file path ending in .mp4).
         ``image`` (image-to-video models) is the start frame: a PIL image, a file path or an ``[H, W, 3]`` array.
+        ``guidance_scale_2`` and ``boundary_ratio`` apply to two-expert models (Wan2.2 A14B) only.
         Every parameter is checked before any weight is read.
         """
         fps = validate_fps(fps)
@@ -120,6 +129,8 @@ class VideoGenerator:
             num_frames=num_frames,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2,
+            boundary_ratio=boundary_ratio,
             flow_shift=flow_shift,
             seed=seed,
         )

@@ -19,6 +19,7 @@ import torch
 
 from ..config import OffloadConfig, Precision, SamplingParams, validate_prompt
 from ..core.chunking import configure_chunking, plan_chunking, tokenwise_bytes_per_token
+from ..core.experts import ExpertSchedule
 from ..core.denoise import Conditioning, StepObserver, denoise, guided_prediction, initial_noise, make_scheduler
 from ..core.loaded_model import LoadedModel
 from ..core.auto_offload import config_at_level, levels_for
@@ -50,6 +51,11 @@ def check_params_for_model(model: LoadedModel, params: SamplingParams) -> None:
     """Refuse sizes the model cannot represent: its latent geometry, then its own limits. Reads configs only."""
     latent_space(model).check(params)
     model.spec.stages.check_params(model.source, params)
+    if len(model.dit_names) < 2:
+        for name in ("guidance_scale_2", "boundary_ratio"):
+            if getattr(params, name) is not None:
+                raise ConfigError(name, getattr(params, name), f"applies to models with two experts (Wan2.2 A14B); "
+                                  f"{model.name} has one DiT", f"leave {name} empty")
 
 
 def _memory_model(model: LoadedModel) -> Any:
@@ -99,6 +105,9 @@ def job_memory(manager: OffloadManager, model: LoadedModel, config: OffloadConfi
         elif config.dit_layerwise_offload:
             resident = config.resident_blocks if isinstance(config.resident_blocks, int) else 0
             layerwise = config.prefetch_depth + 1 + resident
+        if layerwise is None and len(dits) > 1:
+            # Resident or sharded, every expert stays placed for the whole run; streamed, they share one set of slots.
+            dit_bytes = sum(placed_bytes(model, name) for name in dits)
         device["DiT sampling"] = dit_parts(memory_model, space.tokens(shape), dit_bytes, itemsize, shape,
                                            layerwise_blocks=layerwise, shards=shards, sequence_split=split)
     vae = _name(model, Role.VAE)
@@ -247,9 +256,21 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
             _chunk_tokenwise_layers(manager, model, name, dit, config, space.tokens(noise.shape))
             predictors[name] = stages.noise_predictor(dit, conditioning, device, model.dtypes[name])
 
+        schedule: list[ExpertSchedule] = []
+
         def predict(index: int, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            name = stages.dit_for_step(model.source, dits, float(timestep[0]), num_train)
-            return guided_prediction(predictors[name], latents, timestep, params.guidance_scale)
+            if not schedule:  # the scheduler's timesteps are set by now
+                schedule.append(ExpertSchedule.of(stages, model.source, dits, scheduler.timesteps, num_train, params))
+                if len(dits) > 1:
+                    manager.log_once(f"{model.name}: steps per expert {schedule[0].counts()}")
+            plan = schedule[0]
+            name = plan.dit(index)
+            scale, guided = plan.guidance(index)
+            following = plan.next_dit(index)
+            if following is not None:  # the last step of this expert: stream the next one's first blocks meanwhile
+                forwards = 2 if guided and predictors[name].has_uncond else 1
+                manager.prefetch_next_dit(model, name, following, forwards)
+            return guided_prediction(predictors[name], latents, timestep, scale, guided)
 
         return denoise(predict, scheduler, params, noise, manager.device, observer)
 

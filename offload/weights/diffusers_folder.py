@@ -157,6 +157,10 @@ class DiffusersFolder:
     def describe(self) -> dict:
         return {"kind": "diffusers_folder", "path": str(self.path.resolve())}
 
+    def pipeline_config(self) -> dict:
+        """``model_index.json``'s settings: what is not a component entry nor diffusers' bookkeeping."""
+        return {k: v for k, v in self.index.items() if not k.startswith("_") and not isinstance(v, list)}
+
     def has(self, component: str) -> bool:
         entry = self.index.get(component)
         return isinstance(entry, list) and len(entry) == 2 and bool(entry[1]) and (self.path / component).is_dir()

@@ -58,12 +58,25 @@ logger = logging.getLogger(__name__)
 
 ARGUMENT_ROLES = {
     "dit": Role.DIT,
+    "dit_2": Role.DIT,
     "text_encoder": Role.TEXT_ENCODER,
     "vae": Role.VAE,
     "image_encoder": Role.IMAGE_ENCODER,
 }
 """The arguments a user passes (``--dit``, ``VideoGenerator.from_files(dit=...)``, a loader node) and the role of the
-component each one gives."""
+component each one gives. ``dit_2`` is a model's second DiT (Wan2.2 A14B's low-noise expert)."""
+
+
+def component_for(spec: ModelSpec, argument: str) -> ComponentSpec | None:
+    """The component an argument gives: the first of its role, or for ``dit_2`` the second DiT."""
+    found = spec.by_role(ARGUMENT_ROLES[argument])
+    index = 1 if argument == "dit_2" else 0
+    return found[index] if len(found) > index else None
+
+
+def argument_for(spec: ModelSpec, component: ComponentSpec) -> str:
+    """The argument that gives ``component`` (inverse of :func:`component_for`)."""
+    return next(a for a in ARGUMENT_ROLES if component_for(spec, a) is component)
 
 SCALED_FP8_MARKER = "scaled_fp8"
 SCALE_SUFFIXES = (".scale_weight", ".scale_input")
@@ -190,7 +203,12 @@ class SingleFiles:
         given = {argument: path for argument, path in files.items() if path not in (None, "")}
         by_component: dict[str, tuple[str, Any]] = {}
         for argument, path in given.items():
-            component = spec.first(ARGUMENT_ROLES[argument])
+            component = component_for(spec, argument)
+            if component is None and argument == "dit_2":
+                raise ModelLoadError(
+                    f"dit_2={str(path)!r} was given, but {spec.name} models have one DiT. Fix: leave dit_2 empty (it is "
+                    "the low-noise expert of a Wan2.2 A14B model, given with its high-noise expert as dit)."
+                )
             if component is None:
                 raise ModelLoadError(
                     f"{argument}={str(path)!r} was given, but {spec.name} models have no {ARGUMENT_ROLES[argument].value}. "
@@ -204,9 +222,15 @@ class SingleFiles:
             declaration = spec.files.get(component.name)
             if component.role.has_weights:
                 if component.name not in by_component:
+                    first = parts.get(spec.first(component.role).name)
+                    if isinstance(first, FolderPart) and first.folder.has(component.name):
+                        # The second expert of a Diffusers folder given as the DiT comes from the same folder.
+                        first.folder.check_component(component, spec)
+                        parts[component.name] = first
+                        continue
                     if component.optional:
                         continue
-                    argument = next(a for a, r in ARGUMENT_ROLES.items() if r is component.role)
+                    argument = argument_for(spec, component)
                     expected = getattr(declaration, "expected", "its file")
                     raise ModelLoadError(
                         f"{spec.name} needs a {component.role.value}: {argument} is missing. Fix: pass {argument}= "
@@ -283,6 +307,11 @@ class SingleFiles:
 
     def describe(self) -> dict:
         return {"kind": "single_files", "spec": self.spec.name, "files": dict(self.given)}
+
+    def pipeline_config(self) -> dict:
+        """The settings of the Diffusers folder the DiT comes from, if it does; single files carry none."""
+        dit = self.parts.get(self.spec.first(Role.DIT).name)
+        return dit.folder.pipeline_config() if isinstance(dit, FolderPart) else {}
 
     def has(self, component: str) -> bool:
         return component in self.parts

@@ -26,6 +26,7 @@ def layerwise_from_pretrained(
     prefetch_depth: int = 1,
     resident_blocks: int | Literal["auto"] = 0,
     max_pinned_bytes: int | None = None,
+    shared_slots=None,
 ) -> LayerwiseOffloader:
     """Build ``model_cls`` from ``folder`` with its parameters on the meta device, then read each block tensor from
     the files into its place in the host arena and every other tensor into device memory, one tensor at a time:
@@ -33,6 +34,7 @@ def layerwise_from_pretrained(
 
     ``model_cls`` is explicit: a folder's ``config.json`` is data and never chooses which code to run.
     Tensors get the dtypes ``from_pretrained(dtype=dtype)`` gives them (``_keep_in_fp32_modules`` stay float32).
+    ``shared_slots`` (``core.slot_sharing.SharedSlots``): stream through slots shared with another model's offloader.
     """
     folder = Path(folder)
     config = read_model_config(model_cls, folder)
@@ -40,7 +42,7 @@ def layerwise_from_pretrained(
         model = build_empty_model(model_cls, config, dtype, str(folder))
         return layerwise_from_weights(model, weights, device, pin_cpu_memory=pin_cpu_memory,
                                       prefetch_depth=prefetch_depth, resident_blocks=resident_blocks,
-                                      max_pinned_bytes=max_pinned_bytes)
+                                      max_pinned_bytes=max_pinned_bytes, shared_slots=shared_slots)
 
 
 def layerwise_from_weights(model, weights: SafetensorsWeights, device: torch.device | str, **options) -> LayerwiseOffloader:

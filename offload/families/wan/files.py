@@ -8,7 +8,7 @@ the diffusers/transformers names, and deriving the config to build:
   placeholder (meta) tensors to learn the renaming without reading a weight. Shapes give the width (heads of 128,
   as ComfyUI's ``model_detection`` counts them), the input channels, the feed-forward width, the block count and the
   image embedder, hence the kind: :data:`DIT_KINDS` (Wan2.1 T2V, I2V); :data:`NOT_YET` names the Wan files this
-  pack recognises but does not run yet (Wan2.2 experts and TI2V-5B: add a row to ``DIT_KINDS`` and a spec);
+  format refuses (a Wan2.2 I2V A14B expert given alone: ``wan22.Wan22ExpertFormat`` reads the pair; TI2V-5B);
 - text encoder (``text_encoders/umt5_xxl_*.safetensors``): already transformers' ``UMT5EncoderModel`` names; its
   tokenizer is the sentencepiece model ComfyUI stores in the same file (``spiece_model``);
 - VAE (``vae/wan_2.1_vae.safetensors``): mapped by diffusers' ``convert_wan_vae_to_diffusers`` (the Wan2.1 layout;
@@ -95,7 +95,8 @@ loads, and TI2V-5B): a row here plus a spec whose DiT format accepts it."""
 
 NOT_YET = (
     (lambda c: c["in_channels"] == 36 and c["image_dim"] is None,
-     "a Wan2.2 I2V A14B expert (36 input channels, no CLIP image embedder); Wan2.2 is not supported yet"),
+     "a Wan2.2 I2V A14B expert (36 input channels, no CLIP image embedder): give it as dit with its low-noise "
+     "expert as dit_2 (or the low-noise one as dit_2 with its high-noise expert as dit)"),
     (lambda c: c["in_channels"] == 48,
      "a Wan2.2 TI2V-5B DiT (48 latent channels); Wan2.2 is not supported yet"),
 )

@@ -128,7 +128,8 @@ class WanStages:
 
         return WanNoisePredictor(dit, conditioning, device, dtype)
 
-    def dit_for_step(self, source: ModelSource, dits: tuple[str, ...], timestep: float, num_train_timesteps: int) -> str:
+    def dit_for_step(self, source: ModelSource, dits: tuple[str, ...], timestep: float, num_train_timesteps: int,
+                     params: SamplingParams) -> str:
         return dits[0]
 
     def decode(self, vae: nn.Module, latents: torch.Tensor, space: LatentSpace, device: torch.device,
