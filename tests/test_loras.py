@@ -1,0 +1,194 @@
+"""LoRAs as users hold them: our frames equal diffusers' with the same LoRA loaded and fused (the oracle), with the
+DiT streamed and resident, a strength change reloads nothing, and the host master copy is never written.
+
+LoRA files are built here from random tensors, with keys written from a hand-made table of Wan's native names
+(independent of the loader's mapping, which reuses diffusers' single-file conversion)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from video_offload import VideoGenerator
+from video_offload.offload.errors import ConfigError, ModelLoadError
+
+pytest.importorskip("peft")
+
+SIZES = dict(height=32, width=48, num_frames=5, num_inference_steps=2)
+PROMPT, NEGATIVE, SEED = "a raccoon in sunflowers", "blurry", 11
+
+NATIVE = {**{f"self_attn.{o}": f"attn1.{c}" for o, c in zip("qkvo", ["to_q", "to_k", "to_v", "to_out.0"])},
+          **{f"cross_attn.{o}": f"attn2.{c}" for o, c in zip("qkvo", ["to_q", "to_k", "to_v", "to_out.0"])},
+          "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+"""Wan's native block module names -> diffusers' (written out by hand for the tests)."""
+
+
+def tiny_transformer(folder):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
+
+
+def make_lora(transformer, style="native", rank=4, alpha=2.0, seed=0, diff_b=False, up_down=("lora_up", "lora_down")):
+    """A LoRA on every Linear of every block: ``native`` keys (``diffusion_model.blocks.0.self_attn.q.lora_up.weight``)
+    or ``kohya`` keys (``lora_unet_blocks_0_self_attn_q.lora_up.weight``), each with an alpha."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i, block in enumerate(transformer.blocks):
+        for native, diffusers_name in NATIVE.items():
+            linear = block.get_submodule(diffusers_name)
+            key = (f"diffusion_model.blocks.{i}.{native}" if style == "native"
+                   else f"lora_unet_blocks_{i}_{native.replace('.', '_')}")
+            sd[f"{key}.{up_down[1]}.weight"] = torch.randn(rank, linear.in_features, generator=g) * 0.3
+            sd[f"{key}.{up_down[0]}.weight"] = torch.randn(linear.out_features, rank, generator=g) * 0.3
+            sd[f"{key}.alpha"] = torch.tensor(float(alpha))
+            if diff_b:
+                sd[f"{key}.diff_b"] = torch.randn(linear.out_features, generator=g) * 0.05
+    return sd
+
+
+def save(sd, path):
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def diffusers_frames(folder, lora=None, strength=1.0, edit=None):
+    """diffusers' WanPipeline with ``lora`` loaded and fused at ``strength`` (``edit`` changes the transformer
+    afterwards, for deltas diffusers does not read)."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=3.0)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights({k: v.clone() for k, v in lora.items()}, adapter_name="test")  # it scales some in place
+        pipe.fuse_lora(components=["transformer"], lora_scale=strength)
+        pipe.unload_lora_weights()
+    if edit is not None:
+        with torch.no_grad():
+            edit(pipe.transformer)
+    return pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator("cpu").manual_seed(SEED), output_type="np",
+                **{k: v for k, v in SIZES.items()}).frames[0]
+
+
+def generate(generator, loras=()):
+    return generator.generate_video(PROMPT, negative_prompt=NEGATIVE, seed=SEED, guidance_scale=5.0, flow_shift=3.0,
+                                    save_video=False, loras=loras, **SIZES)
+
+
+def host_master(generator, layerwise):
+    """The bytes of the DiT's host master copy (the offloader's arena, or the resident placer's)."""
+    model = generator.model
+    if layerwise:
+        return generator.manager.offloader(model, "transformer")._arena.buffer
+    return model.resources.placers["transformer"].arena.buffer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "resident"])
+def test_native_lora_equals_diffusers_fused_and_strength_changes_reload_nothing(tiny_t2v, tmp_path, layerwise):
+    lora = make_lora(tiny_transformer(tiny_t2v), "native", rank=4, alpha=2.0, diff_b=True)
+    path = save(lora, tmp_path / "native.safetensors")
+    generator = VideoGenerator.from_pretrained(tiny_t2v, dit_layerwise_offload=layerwise, precision="float32")
+
+    plain = generate(generator)
+    master = host_master(generator, layerwise).clone()
+    holder = generator.manager.offloader(generator.model, "transformer") if layerwise else \
+        generator.model.resources.placers["transformer"]
+
+    for strength in (0.7, -1.3):
+        ours = generate(generator, [(path, strength)])
+        reference = diffusers_frames(tiny_t2v, lora, strength)
+        assert np.abs(ours - reference).max() <= 1e-4
+        assert np.abs(ours - plain).max() > 1e-3  # the LoRA does change the video
+    again = generate(generator)
+
+    assert np.array_equal(again, plain)  # LoRA off: bit for bit the unpatched model
+    assert torch.equal(host_master(generator, layerwise), master)  # the host master copy was never written
+    same = generator.manager.offloader(generator.model, "transformer") if layerwise else \
+        generator.model.resources.placers["transformer"]
+    assert same is holder  # no reload: the same streamed / placed model throughout
+
+
+@pytest.mark.slow
+def test_kohya_lora_with_lora_a_b_spelling_equals_diffusers(tiny_t2v, tmp_path):
+    lora = make_lora(tiny_transformer(tiny_t2v), "kohya", rank=3, alpha=6.0, seed=1)
+    path = save(lora, tmp_path / "kohya.safetensors")
+    generator = VideoGenerator.from_pretrained(tiny_t2v, dit_layerwise_offload=True, precision="float32")
+    ours = generate(generator, [(path, 0.8)])
+    assert np.abs(ours - diffusers_frames(tiny_t2v, lora, 0.8)).max() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "resident"])
+def test_full_deltas_and_layers_outside_the_blocks(tiny_t2v, tmp_path, layerwise):
+    """``.diff`` on a block weight and a norm (ComfyUI adds them; diffusers ignores them, so the oracle adds them by
+    hand), ``lora_A/lora_B`` spelling, and a LoRA on ``head.head`` (outside the streamed blocks: a side path)."""
+    transformer = tiny_transformer(tiny_t2v)
+    lora = make_lora(transformer, "native", rank=2, alpha=1.0, seed=2, up_down=("lora_B", "lora_A"))
+    g = torch.Generator().manual_seed(5)
+    q = transformer.blocks[1].attn1.to_q.weight
+    diff_q = torch.randn(q.shape, generator=g) * 0.05
+    diff_norm = torch.randn(transformer.blocks[0].norm2.weight.shape, generator=g) * 0.1
+    head_up = torch.randn(transformer.proj_out.out_features, 2, generator=g) * 0.2
+    head_down = torch.randn(2, transformer.proj_out.in_features, generator=g) * 0.2
+    lora.update({
+        "diffusion_model.blocks.1.self_attn.q.diff": diff_q,
+        "diffusion_model.blocks.0.norm3.diff": diff_norm,  # native norm3 is diffusers' norm2
+        "diffusion_model.head.head.lora_B.weight": head_up,
+        "diffusion_model.head.head.lora_A.weight": head_down,
+    })
+    path = save(lora, tmp_path / "deltas.safetensors")
+    strength = 0.6
+    low_rank_only = {k: v for k, v in lora.items() if not k.endswith(".diff") and "head.head" not in k}
+
+    def edit(model):
+        model.blocks[1].attn1.to_q.weight += strength * diff_q
+        model.blocks[0].norm2.weight += strength * diff_norm
+        model.proj_out.weight += strength * head_up @ head_down
+
+    generator = VideoGenerator.from_pretrained(tiny_t2v, dit_layerwise_offload=layerwise, precision="float32")
+    ours = generate(generator, [(path, strength)])
+    assert np.abs(ours - diffusers_frames(tiny_t2v, low_rank_only, strength, edit)).max() <= 1e-4
+
+
+def test_unknown_keys_warn_and_a_file_for_another_model_is_refused(tiny_t2v, tmp_path, caplog):
+    transformer = tiny_transformer(tiny_t2v)
+    lora = make_lora(transformer, "native", rank=2)
+    lora["diffusion_model.blocks.0.diff_m"] = torch.zeros(6, 24)  # lightx2v's modulation delta: ComfyUI skips it too
+    lora["diffusion_model.blocks.7.self_attn.q.lora_up.weight"] = torch.zeros(24, 2)  # a block this model lacks
+    lora["diffusion_model.blocks.7.self_attn.q.lora_down.weight"] = torch.zeros(2, 24)
+    path = save(lora, tmp_path / "extra.safetensors")
+    generator = VideoGenerator.from_pretrained(tiny_t2v, precision="float32")
+    with caplog.at_level(logging.WARNING):
+        patches = generator.lora_patches([(path, 1.0)])
+    assert len(patches["transformer"].entries[0][0].targets) == 2 * len(NATIVE)
+    assert "extra.safetensors: 3 keys not loaded" in caplog.text and "blocks.7.self_attn.q.lora_up" in caplog.text
+
+    other = save({"lora_unet_input_blocks_1_0_proj.lora_up.weight": torch.zeros(4, 2),
+                  "lora_unet_input_blocks_1_0_proj.lora_down.weight": torch.zeros(2, 4)}, tmp_path / "sdxl.safetensors")
+    with pytest.raises(ModelLoadError, match=r"LoRA sdxl.safetensors does not fit .*transformer: none of its 2 keys"):
+        generator.lora_patches([other])
+
+    wide = make_lora(transformer, "native", rank=2)
+    wide["diffusion_model.blocks.0.self_attn.q.lora_up.weight"] = torch.zeros(48, 2)  # a wider model's LoRA
+    with pytest.raises(ModelLoadError, match=r"wide.safetensors does not fit this model: .*self_attn.q.lora_up"):
+        generator.lora_patches([save(wide, tmp_path / "wide.safetensors")])
+    with pytest.raises(ModelLoadError, match=r"only .safetensors LoRA files"):
+        generator.lora_patches([tmp_path / "lora.pt"])
+    with pytest.raises(ConfigError, match=r"strength=inf: must be a number"):
+        generator.lora_patches([(path, float("inf"))])
+    with pytest.raises(ConfigError, match=r"dit='transformer_2': .* has the DiT\(s\) transformer"):
+        generator.lora_patches([(path, 1.0, "transformer_2")])
+
+
+def test_lora_flag_parses_file_and_strength():
+    from video_offload.offload.pipeline.loras import LoraChoice
+
+    assert LoraChoice.parse("a/b.safetensors:0.5") == LoraChoice("a/b.safetensors", 0.5)
+    assert LoraChoice.parse("C:\\loras\\x.safetensors") == LoraChoice("C:\\loras\\x.safetensors", 1.0)
+    assert LoraChoice.parse("x.safetensors:-2").strength == -2.0
