@@ -89,11 +89,14 @@ def host_master(generator, layerwise):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "resident"])
-def test_native_lora_equals_diffusers_fused_and_strength_changes_reload_nothing(tiny_t2v, tmp_path, layerwise):
+@pytest.mark.parametrize("layerwise,resident_blocks", [(True, 0), (True, 1), (False, 0)],
+                         ids=["layerwise", "layerwise_one_resident_block", "resident"])
+def test_native_lora_equals_diffusers_fused_and_strength_changes_reload_nothing(tiny_t2v, tmp_path, layerwise,
+                                                                               resident_blocks):
     lora = make_lora(tiny_transformer(tiny_t2v), "native", rank=4, alpha=2.0, diff_b=True)
     path = save(lora, tmp_path / "native.safetensors")
-    generator = VideoGenerator.from_pretrained(tiny_t2v, dit_layerwise_offload=layerwise, precision="float32")
+    generator = VideoGenerator.from_pretrained(tiny_t2v, dit_layerwise_offload=layerwise, precision="float32",
+                                               resident_blocks=resident_blocks)
 
     plain = generate(generator)
     master = host_master(generator, layerwise).clone()
@@ -112,6 +115,8 @@ def test_native_lora_equals_diffusers_fused_and_strength_changes_reload_nothing(
     same = generator.manager.offloader(generator.model, "transformer") if layerwise else \
         generator.model.resources.placers["transformer"]
     assert same is holder  # no reload: the same streamed / placed model throughout
+    if layerwise:
+        assert holder.stats().resident_blocks == resident_blocks and holder.stats().streamed_blocks > 0
 
 
 @pytest.mark.slow
@@ -192,3 +197,20 @@ def test_lora_flag_parses_file_and_strength():
     assert LoraChoice.parse("a/b.safetensors:0.5") == LoraChoice("a/b.safetensors", 0.5)
     assert LoraChoice.parse("C:\\loras\\x.safetensors") == LoraChoice("C:\\loras\\x.safetensors", 1.0)
     assert LoraChoice.parse("x.safetensors:-2").strength == -2.0
+    assert LoraChoice.parse("transformer_2=/l/low.safetensors:0.5") == LoraChoice("/l/low.safetensors", 0.5, "transformer_2")
+    with pytest.raises(ConfigError, match=r"strength=nan: must be a number"):
+        LoraChoice.parse("x.safetensors:nan")
+
+
+def test_cli_lora_flag_reaches_the_sampler(tiny_t2v, tmp_path, caplog, capsys):
+    from video_offload.offload.pipeline.cli import main
+
+    lora = make_lora(tiny_transformer(tiny_t2v), "native", rank=2)
+    path = save(lora, tmp_path / "l.safetensors")
+    common = ["generate", "--model-path", str(tiny_t2v), "--precision", "float32", "--height", "32", "--width", "48",
+              "--num-frames", "5", "--num-inference-steps", "1", "--no-save", "--device", "cpu"]
+    with caplog.at_level(logging.INFO):
+        assert main(common + ["--lora", f"{path}:0.5"]) == 0
+    assert "weight patches: l.safetensors x0.5" in caplog.text
+    assert main(common + ["--lora", f"transformer_2={path}"]) == 2  # a Wan2.1 model has no second expert
+    assert "dit='transformer_2'" in capsys.readouterr().err

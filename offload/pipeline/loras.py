@@ -41,15 +41,21 @@ class LoraChoice:
 
     @classmethod
     def parse(cls, text: str) -> LoraChoice:
-        """``FILE[:STRENGTH]`` (the CLI's ``--lora``): ``lightx2v.safetensors``, ``lightx2v.safetensors:0.8``. The
-        strength is what follows the last colon when it reads as a number, so Windows paths (``C:\\...``) work."""
-        path, colon, tail = str(text).rpartition(":")
+        """``[DIT=]FILE[:STRENGTH]`` (the CLI's ``--lora``): ``lightx2v.safetensors``, ``lightx2v.safetensors:0.8``,
+        ``transformer_2=low_noise.safetensors:1``. The strength is what follows the last colon when it reads as a
+        number, so Windows paths (``C:\\...``) work; ``DIT=`` is a component name (letters, digits, ``_``)."""
+        dit, equals, rest = str(text).partition("=")
+        if not equals or not dit.replace("_", "").isalnum():
+            dit, rest = None, str(text)
+        path, colon, tail = rest.rpartition(":")
         if colon:
             try:
-                return cls(Path(path), float(tail))
+                strength = float(tail)
             except ValueError:
                 pass
-        return cls(Path(text))
+            else:
+                return cls(Path(path), strength, dit)
+        return cls(Path(rest), 1.0, dit)
 
 
 def check_strength(strength: Any) -> float:
