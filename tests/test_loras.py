@@ -233,3 +233,48 @@ def test_lora_on_fp8_scaled_single_files_equals_diffusers_on_the_same_numbers(si
     offloader = generator.manager.offloader(generator.model, "transformer")
     assert offloader.stats().stored_narrow  # fp8 in host memory, widened then patched in the slot
     assert np.abs(ours - diffusers_frames(reference_folder, lora, 0.9)).max() <= 1e-4
+
+
+def test_load_lora_node_in_a_workflow_equals_diffusers_and_leaves_its_input_alone(tiny_t2v, tmp_path):
+    """Load Model -> Load LoRA (a file from ComfyUI's loras folder) -> Sample, run by the test executor as ComfyUI
+    runs it; a second run at another strength reuses the loaded model."""
+    import shutil
+
+    from comfy_executor import REPO_ROOT, core_nodes, execute, load_pack, make_folder_paths
+
+    models = tmp_path / "models" / "diffusers"
+    shutil.copytree(tiny_t2v, models / "tiny")
+    lora = make_lora(tiny_transformer(tiny_t2v), "kohya", rank=4, alpha=4.0, seed=9)
+    (tmp_path / "models" / "loras" / "wan").mkdir(parents=True)
+    save(lora, tmp_path / "models" / "loras" / "wan" / "style.safetensors")
+    pack = load_pack(REPO_ROOT, make_folder_paths(models, tmp_path / "output"), {})
+    assert "wan/style.safetensors" in pack.NODE_CLASS_MAPPINGS["VideoOffloadLoadLoRA"].INPUT_TYPES()["required"]["lora_name"][0]
+    mappings = {**core_nodes(tmp_path), **pack.NODE_CLASS_MAPPINGS}
+
+    def prompt(strength):
+        return {
+            "1": {"class_type": "VideoOffloadLoadModel",
+                  "inputs": {"model_name": "tiny", "precision": "float32", "vae_precision": "float32"}},
+            "2": {"class_type": "VideoOffloadLoadLoRA",
+                  "inputs": {"model": ["1", 0], "lora_name": "wan/style.safetensors", "strength": strength,
+                             "expert": "all"}},
+            "3": {"class_type": "VideoOffloadEncodePrompt",
+                  "inputs": {"model": ["1", 0], "prompt": PROMPT, "negative_prompt": NEGATIVE}},
+            "4": {"class_type": "VideoOffloadSample",
+                  "inputs": {"model": ["2", 0], "conditioning": ["3", 0], "width": SIZES["width"],
+                             "height": SIZES["height"], "num_frames": SIZES["num_frames"],
+                             "steps": SIZES["num_inference_steps"], "cfg": 5.0, "flow_shift": 3.0, "seed": SEED}},
+            "5": {"class_type": "VideoOffloadDecodeVAE", "inputs": {"model": ["1", 0], "latent": ["4", 0]}},
+        }
+
+    first = execute(prompt(0.7), mappings)
+    assert first["1"][0].loras == ()  # the handle that flowed in is unchanged
+    assert [(dit, s) for dit, _, s in first["2"][0].loras] == [("transformer", 0.7)]
+    assert np.abs(first["5"][0].numpy() - diffusers_frames(tiny_t2v, lora, 0.7)).max() <= 1e-4
+    handle = first["1"][0]
+    offloader = handle.manager.offloader(handle.model, "transformer")
+
+    second = execute(prompt(-0.4), mappings)
+    assert second["1"][0].model is handle.model  # the same loaded model
+    assert handle.manager.offloader(handle.model, "transformer") is offloader  # not reloaded
+    assert np.abs(second["5"][0].numpy() - diffusers_frames(tiny_t2v, lora, -0.4)).max() <= 1e-4

@@ -712,7 +712,8 @@ class LayerwiseOffloader:
         shapes.update({n: tuple(t.shape) for n, t in self.model.named_parameters() if not n.startswith(prefix)})
         check_targets(patches, shapes, type(self.model).__name__)
         side_paths = LinearSidePaths(self.model, other_terms) if other_terms else None  # refuses what it cannot run
-        patcher = BlockPatcher(block_terms, self.layout, self.device, pin=self._arena.pinned) if block_terms else None
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever the caller's mode
+            patcher = BlockPatcher(block_terms, self.layout, self.device, pin=self._arena.pinned) if block_terms else None
         self._reset_pipeline()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # one-off: no copy in flight still reads the old factors
