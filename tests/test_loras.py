@@ -278,3 +278,83 @@ def test_load_lora_node_in_a_workflow_equals_diffusers_and_leaves_its_input_alon
     assert second["1"][0].model is handle.model  # the same loaded model
     assert handle.manager.offloader(handle.model, "transformer") is offloader  # not reloaded
     assert np.abs(second["5"][0].numpy() - diffusers_frames(tiny_t2v, lora, -0.4)).max() <= 1e-4
+
+
+@pytest.fixture
+def two_expert_folder(tiny_t2v, tmp_path):
+    """A Wan2.2-A14B-like folder built by hand: the tiny T2V model plus a second expert (``transformer_2``, other
+    weights) and ``boundary_ratio`` 0.875, read by a test spec whose loop switches experts at the boundary."""
+    import dataclasses
+    import json
+    import shutil
+
+    from video_offload.offload.families import register, unregister
+    from video_offload.offload.families.wan.spec import TRANSFORMER, WAN21_T2V, WanStages
+    from video_offload.offload.families.wan.tiny import build_tiny_wan
+
+    class TwoExperts(WanStages):
+        def dit_for_step(self, source, dits, timestep, num_train_timesteps):
+            return dits[0] if len(dits) == 1 or timestep >= 0.875 * num_train_timesteps else dits[1]
+
+    folder = tmp_path / "two-experts"
+    shutil.copytree(tiny_t2v, folder)
+    other = build_tiny_wan(tmp_path / "other", seed=77)
+    shutil.copytree(other / "transformer", folder / "transformer_2")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.875)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    spec = dataclasses.replace(
+        WAN21_T2V, name="test-two-experts", stages=TwoExperts(), files={},
+        components=WAN21_T2V.components + (dataclasses.replace(TRANSFORMER, name="transformer_2", optional=True),),
+        matches=lambda index: index.get("transformer_2") is not None,
+    )
+    register(spec)
+    yield folder
+    unregister(spec.name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "resident"])
+def test_one_lora_per_expert_equals_diffusers_with_both_fused(two_expert_folder, tmp_path, layerwise):
+    """One LoRA per DiT, keyed by component name, each with its strength (ComfyUI's Wan2.2 templates: one
+    LoraLoaderModelOnly per expert), against diffusers' WanPipeline with ``transformer_2`` and both LoRAs fused."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    high = make_lora(tiny_transformer(two_expert_folder), "native", rank=4, alpha=2.0, seed=20)
+    low = make_lora(tiny_transformer(two_expert_folder), "kohya", rank=2, alpha=2.0, seed=21)
+    high_path, low_path = save(high, tmp_path / "high.safetensors"), save(low, tmp_path / "low.safetensors")
+    generator = VideoGenerator.from_pretrained(two_expert_folder, dit_layerwise_offload=layerwise, precision="float32")
+    assert generator.model.dit_names == ("transformer", "transformer_2")
+    ours = generate(generator, [(high_path, 0.8, "transformer"), (low_path, 1.5, "transformer_2")])
+
+    pipe = WanPipeline.from_pretrained(two_expert_folder, dtype=torch.float32)
+    assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=3.0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights({k: v.clone() for k, v in high.items()}, adapter_name="high")
+    pipe.load_lora_weights({k: v.clone() for k, v in low.items()}, adapter_name="low", load_into_transformer_2=True)
+    pipe.set_adapters(["high", "low"], adapter_weights=[0.8, 1.5])
+    pipe.fuse_lora(components=["transformer", "transformer_2"], lora_scale=1.0)
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator("cpu").manual_seed(SEED),
+                     output_type="np", **SIZES).frames[0]
+    assert np.abs(ours - reference).max() <= 1e-4
+    # Both experts ran (2 steps at shift 3: t = 999 high, 750 low), each with its own LoRA.
+    plain_low = generate(generator, [(high_path, 0.8, "transformer")])
+    assert np.abs(plain_low - ours).max() > 1e-3
+
+
+def test_the_load_lora_nodes_expert_picks_dits_by_name(two_expert_folder, tiny_t2v):
+    from video_offload.nodes.handles import ModelHandle
+    from video_offload.nodes.loras import dits_for
+    from video_offload.offload.config import OffloadConfig
+
+    two = VideoGenerator.from_pretrained(two_expert_folder, precision="float32")
+    handle = ModelHandle(two.manager, two.model, OffloadConfig())
+    assert dits_for(handle, "all") == ("transformer", "transformer_2")
+    assert dits_for(handle, "high_noise") == ("transformer",)
+    assert dits_for(handle, "low_noise") == ("transformer_2",)
+    one = VideoGenerator.from_pretrained(tiny_t2v, precision="float32")
+    single = ModelHandle(one.manager, one.model, OffloadConfig())
+    assert dits_for(single, "all") == dits_for(single, "high_noise") == ("transformer",)
+    with pytest.raises(ConfigError, match=r"expert='low_noise': .* has one DiT, no low-noise expert"):
+        dits_for(single, "low_noise")
