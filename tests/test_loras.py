@@ -191,6 +191,15 @@ def test_unknown_keys_warn_and_a_file_for_another_model_is_refused(tiny_t2v, tmp
         generator.lora_patches([(path, 1.0, "transformer_2")])
 
 
+def test_loras_under_fsdp_are_refused_before_any_work(tiny_t2v, tmp_path):
+    path = save(make_lora(tiny_transformer(tiny_t2v), "native", rank=2), tmp_path / "l.safetensors")
+    generator = VideoGenerator.from_pretrained(tiny_t2v, num_gpus=2, use_fsdp_inference=True, dit_layerwise_offload=False,
+                                               precision="float32")
+    with pytest.raises(ConfigError, match=r"use_fsdp_inference=True: LoRAs are not applied to DiTs sharded over GPUs"):
+        generate(generator, [path])
+    assert "text_encoder" not in generator.model.components  # refused before the prompt was encoded
+
+
 def test_lora_flag_parses_file_and_strength():
     from video_offload.offload.pipeline.loras import LoraChoice
 

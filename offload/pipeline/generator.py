@@ -23,7 +23,7 @@ from ..core.devices import resolve_device
 from ..core.manager import OffloadManager
 from ..errors import ConfigError, VideoSaveError
 from ..core.weight_patches import PatchFile, PatchSet
-from .loras import LoraChoice, as_choice, read_lora
+from .loras import LoraChoice, as_choice, check_patches, read_lora
 from .stages import check_job_memory, check_params_for_model, decode_video, encode_prompts, load_model, sample_latents
 from .video_io import save_mp4, validate_fps
 
@@ -134,7 +134,7 @@ class VideoGenerator:
         )
         check_params_for_model(self.model, params)
         check_job_memory(self.manager, self.model, self.config, params)  # before any weight moves or noise is drawn
-        patches = self.lora_patches(loras)  # every file read and checked before the text encoder runs
+        patches = check_patches(self.model, self.lora_patches(loras), self.config.distributed)  # before any encode
         started = time.perf_counter()
         conditioning = encode_prompts(self.manager, self.model, self.config, prompt, negative_prompt, image)
         latents = sample_latents(self.manager, self.model, self.config, conditioning, params, observer, patches)

@@ -112,8 +112,12 @@ def lora_patches(model: LoadedModel, choices: Sequence[Any]) -> dict[str, PatchS
     return {dit: PatchSet(tuple(pairs)) for dit, pairs in entries.items()}
 
 
-def check_patches(model: LoadedModel, patches: Mapping[str, PatchSet] | None) -> dict[str, PatchSet]:
-    """``patches`` keyed by DiT names of ``model`` (a ConfigError names a wrong one)."""
+def check_patches(model: LoadedModel, patches: Mapping[str, PatchSet] | None, distributed: bool = False) -> dict[str, PatchSet]:
+    """``patches`` keyed by DiT names of ``model`` (a ConfigError names a wrong one), and applicable with the offload
+    options (``distributed``: the DiTs are sharded over GPUs, where no LoRA is applied yet)."""
     for dit in patches or {}:
         check_dit(model, dit)
+    if distributed and any((patches or {}).values()):
+        raise ConfigError("use_fsdp_inference", True, "LoRAs are not applied to DiTs sharded over GPUs yet",
+                          "turn use_fsdp_inference off (layerwise offload on one GPU applies them), or remove the LoRA")
     return dict(patches or {})

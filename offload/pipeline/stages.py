@@ -219,10 +219,7 @@ def sample_latents(
     ``loras``: per DiT name, the LoRAs (with strengths) its device copies carry during this run (``pipeline.loras``
     reads them); DiTs not named run without. The host copy of the weights is never changed."""
     check_params_for_model(model, params)
-    loras = check_patches(model, loras)
-    if config.distributed and any(loras.values()):
-        raise ConfigError("use_fsdp_inference", True, "LoRAs are not applied to DiTs sharded over GPUs yet",
-                          "turn use_fsdp_inference off (layerwise offload on one GPU applies them), or remove the LoRA")
+    loras = check_patches(model, loras, config.distributed)
     check_job_memory(manager, model, config, params)
     if model.spec.image_to_video and conditioning.image is None:
         raise ConfigError(
