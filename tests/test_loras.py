@@ -367,3 +367,30 @@ def test_the_load_lora_nodes_expert_picks_dits_by_name(two_expert_folder, tiny_t
     assert dits_for(single, "all") == dits_for(single, "high_noise") == ("transformer",)
     with pytest.raises(ConfigError, match=r"expert='low_noise': .* has one DiT, no low-noise expert"):
         dits_for(single, "low_noise")
+
+
+def test_the_same_lora_in_native_kohya_and_diffusers_keys_patches_the_same_tensors(tiny_t2v, tmp_path):
+    transformer = tiny_transformer(tiny_t2v)
+    native = make_lora(transformer, "native", rank=2, alpha=1.0, seed=4)
+    kohya = {}  # the same tensors under kohya and diffusers keys
+    diffusers_keys = {}
+    for key, value in native.items():
+        module, _, suffix = key.removeprefix("diffusion_model.").partition(".lora_")
+        if not suffix:
+            module, _, suffix = key.removeprefix("diffusion_model.").rpartition(".")
+            suffix = "." + suffix
+        else:
+            suffix = ".lora_" + suffix
+        kohya["lora_unet_" + module.replace(".", "_") + suffix] = value
+        block, index, native_name = module.split(".", 2)
+        name = f"transformer.{block}.{index}.{NATIVE[native_name]}"
+        if suffix != ".alpha":  # diffusers' own files carry no alpha (scale folded in: alpha/rank = 0.5 here)
+            spelled = suffix.replace("lora_up", "lora_B").replace("lora_down", "lora_A")
+            diffusers_keys[name + spelled] = value * (0.5 if "lora_down" in suffix else 1.0)
+    generator = VideoGenerator.from_pretrained(tiny_t2v, precision="float32")
+    read = [generator.lora_patches([save(sd, tmp_path / f"{n}.safetensors")])["transformer"].targets()
+            for n, sd in (("native", native), ("kohya", kohya), ("diffusers", diffusers_keys))]
+    assert set(read[0]) == set(read[1]) == set(read[2]) and len(read[0]) == 2 * len(NATIVE)
+    for name in read[0]:
+        products = [t.scale * (t.up @ t.down) for t in (r[name][0][0] for r in read)]
+        assert torch.allclose(products[0], products[1]) and torch.allclose(products[0], products[2], atol=1e-7)
