@@ -226,8 +226,9 @@ def test_cli_lora_flag_reaches_the_sampler(tiny_t2v, tmp_path, caplog, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "resident"])
 def test_lora_on_fp8_scaled_single_files_equals_diffusers_on_the_same_numbers(single_files, single_file_references,
-                                                                                tmp_path):
+                                                                                tmp_path, layerwise):
     """The fp8 blocks are widened in the slot, then patched: the frames equal diffusers' with the LoRA fused into a
     folder holding the file's numbers dequantised by ComfyUI's rule."""
     from video_offload.offload.core.manager import OffloadManager
@@ -237,10 +238,11 @@ def test_lora_on_fp8_scaled_single_files_equals_diffusers_on_the_same_numbers(si
     lora = make_lora(tiny_transformer(reference_folder), "native", rank=4, alpha=8.0, seed=3, diff_b=True)
     path = save(lora, tmp_path / "fp8.safetensors")
     generator = VideoGenerator.from_files(**{k: str(v) for k, v in paths.items()}, precision="float32",
-                                          manager=OffloadManager("cpu"))
+                                          manager=OffloadManager("cpu"), dit_layerwise_offload=layerwise)
     ours = generate(generator, [(path, 0.9)])
-    offloader = generator.manager.offloader(generator.model, "transformer")
-    assert offloader.stats().stored_narrow  # fp8 in host memory, widened then patched in the slot
+    if layerwise:
+        offloader = generator.manager.offloader(generator.model, "transformer")
+        assert offloader.stats().stored_narrow  # fp8 in host memory, widened then patched in the slot
     assert np.abs(ours - diffusers_frames(reference_folder, lora, 0.9)).max() <= 1e-4
 
 
