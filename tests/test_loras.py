@@ -396,3 +396,14 @@ def test_the_same_lora_in_native_kohya_and_diffusers_keys_patches_the_same_tenso
     for name in read[0]:
         products = [t.scale * (t.up @ t.down) for t in (r[name][0][0] for r in read)]
         assert torch.allclose(products[0], products[1]) and torch.allclose(products[0], products[2], atol=1e-7)
+
+
+def test_a_strength_change_reads_no_file_and_a_changed_file_is_read_again(tiny_t2v, tmp_path):
+    path = save(make_lora(tiny_transformer(tiny_t2v), "native", rank=2), tmp_path / "l.safetensors")
+    generator = VideoGenerator.from_pretrained(tiny_t2v, precision="float32")
+    first = generator.lora_patches([(path, 1.0)])["transformer"]
+    second = generator.lora_patches([(path, 0.25)])["transformer"]
+    assert second.entries[0][0] is first.entries[0][0] and second != first  # same file object, new strength
+    save(make_lora(tiny_transformer(tiny_t2v), "native", rank=3), path)  # rewritten: another size
+    third = generator.lora_patches([(path, 0.25)])["transformer"]
+    assert third.entries[0][0] is not first.entries[0][0]

@@ -41,7 +41,7 @@ class VideoGenerator:
         self.model = load_model(manager, model_path, precision)
         self.last_video_path: Path | None = None
         self._lora_files: dict[tuple, PatchFile] = {}
-        """LoRA files read for this model, by (path, DiT, size and mtime): a strength change reads nothing."""
+        """The LoRA files the last video used, by (path, DiT, size and mtime): a strength change reads nothing."""
         """The .mp4 the last ``generate_video`` saved (a counter is appended when a name is taken)."""
 
     @classmethod
@@ -151,18 +151,20 @@ class VideoGenerator:
         return frames
 
     def lora_patches(self, loras: Sequence[Any]) -> dict[str, PatchSet]:
-        """The LoRAs of ``loras`` read for this model (see :meth:`generate_video`); a file read before with the same
-        size and modification time is not read again."""
+        """The LoRAs of ``loras`` read for this model (see :meth:`generate_video`). A file the previous call used,
+        unchanged (same size and modification time), is not read again; files no longer used are let go."""
         if isinstance(loras, (str, Path, LoraChoice)):
             loras = [loras]
         entries: dict[str, list[tuple[PatchFile, float]]] = {}
+        used: dict[tuple, PatchFile] = {}
         for choice in map(as_choice, loras):
             stat = choice.path.stat() if choice.path.is_file() else None
             for dit in (self.model.dit_names if choice.dit is None else (choice.dit,)):
                 key = (choice.path.resolve(), dit, stat and (stat.st_size, stat.st_mtime_ns))
-                if key not in self._lora_files:
-                    self._lora_files[key] = read_lora(self.model, dit, choice.path)
-                entries.setdefault(dit, []).append((self._lora_files[key], choice.strength))
+                if key not in used:
+                    used[key] = self._lora_files.get(key) or read_lora(self.model, dit, choice.path)
+                entries.setdefault(dit, []).append((used[key], choice.strength))
+        self._lora_files = used
         return {dit: PatchSet(tuple(pairs)) for dit, pairs in entries.items()}
 
     def report(self) -> list[Any]:
