@@ -18,7 +18,15 @@ Single files and the host-RAM budget (issue 11), extra modes:
   bf16, the whole model on the GPU) is the bit-exactness reference of the fp8 rows, whose time is compared with the
   bf16 ``resident`` row (targets: <=1.02x at 17 frames, <=1.01x at 81; host arena <=0.55x the bf16 bytes).
 
+LoRAs (issue 13), selected by ``--lora-rank R``: a random rank-R LoRA on every Linear layer, applied as the pack
+applies LoRAs (``core.weight_patches``): ``ours_stream_lora`` merges it into each block's slot after the copy (and
+``ours_fp8_stream_lora`` after the fp8 widening), ``resident_lora`` into the resident weights (the bit-exactness
+reference of ``ours_stream_lora``); the Linear layers outside the blocks run it as a side path in both. Target: a
+LoRA row's step at most 1.02x that of the same mode without the LoRA.
+
     python bench/layerwise.py                  # the full H100 run (1.3B and 14B, 81 and 17 frames)
+    python bench/layerwise.py --configs 14B --frames 81 --lora-rank 64 --modes resident,ours_stream
+    python bench/layerwise.py --tiny --lora-rank 4 --modes resident,ours_stream   # the LoRA path on the CPU
     python bench/layerwise.py --tiny           # seconds, on CPU or GPU: smoke test of every code path
     python bench/layerwise.py --configs 14B --frames 17,81 \
         --modes resident,resident_fp8_widened,ours_fp8_stream,ours_fp8_auto,ours_stream,ours_stream_budget
@@ -47,6 +55,13 @@ import torch
 
 # The package must be importable: `pip install -e .` here, `bench/on_device.sh` on the device machine.
 
+from video_offload.offload.core.weight_patches import (  # noqa: E402
+    LinearSidePaths,
+    LowRank,
+    PatchFile,
+    PatchSet,
+    patch_tensor,
+)
 from video_offload.offload.families.wan.comfy_export import export_transformer_folder  # noqa: E402
 from video_offload.offload.families.wan.files import WanDitFormat  # noqa: E402
 from video_offload.offload.families.wan.shapes import WAN_DIT, WAN_DIT_COMMON  # noqa: E402
@@ -65,8 +80,10 @@ A14B_CONFIGS = {"a14b": "14B", "a14b-tiny": "tiny"}
 """Two experts of the named shape (random weights, the low-noise expert from another seed): bench/layerwise_a14b.py."""
 MODES = ("resident", "ours_stream", "ours_auto", "diffusers_group")
 FP8_MODES = ("resident_fp8_widened", "ours_fp8_stream", "ours_fp8_auto")
-EXTRA_MODES = ("ours_stream_pageable", "ours_stream_budget") + FP8_MODES
-REFERENCE_MODES = ("resident", "resident_fp8_widened")
+LORA_MODES = ("resident_lora", "ours_stream_lora", "ours_fp8_stream_lora")
+"""Each is the mode without ``_lora`` plus a random LoRA (``--lora-rank``); timed against that mode's row."""
+EXTRA_MODES = ("ours_stream_pageable", "ours_stream_budget") + FP8_MODES + LORA_MODES
+REFERENCE_MODES = ("resident", "resident_fp8_widened", "resident_lora")
 TIMED = (
     "one DiT forward at batch 1 (classifier-free guidance runs two per denoising step); forwards back to back, "
     "s_per_step from CUDA events on the compute stream (median), s_per_step_wall = host time / forwards"
@@ -96,6 +113,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="also write the rows here as JSON lines (default: $OUT/layerwise.jsonl)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--tiny", action="store_true", help="tiny model, 64x64, 5 and 9 frames: a CPU smoke test")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="add rows with a random LoRA of this rank on every Linear (resident_lora and ours_stream_lora "
+                        "next to the resident and ours_stream modes asked for; ours_fp8_stream_lora with "
+                        "ours_fp8_stream)")
     args = p.parse_args(argv)
     if args.tiny:
         tiny = "a14b-tiny" if "a14b" in args.configs else "tiny"  # --configs a14b --tiny: the two-expert rows
@@ -115,6 +136,14 @@ def parse_args(argv=None):
     for f in args.frames:
         if f % 4 != 1:
             p.error(f"--frames {f}: must be of the form 4k+1")
+    if args.lora_rank < 0:
+        p.error("--lora-rank must be at least 1 (0: no LoRA rows)")
+    if args.lora_rank:
+        args.modes += [m + "_lora" for m in list(args.modes) if m + "_lora" in LORA_MODES and m + "_lora" not in args.modes]
+    elif any(m in LORA_MODES for m in args.modes):
+        p.error("the *_lora modes need --lora-rank")
+    # Each LoRA row after the row of its mode without the LoRA, which it is timed against.
+    args.modes = [m for m in args.modes if m not in LORA_MODES] + [m for m in args.modes if m in LORA_MODES]
     # The references first (bf16 resident, then the fp8 file widened), so every other row can be compared with them.
     args.modes = [m for m in REFERENCE_MODES if m in args.modes] + [m for m in args.modes if m not in REFERENCE_MODES]
     return args
@@ -246,6 +275,9 @@ class Setup:
         self.info = info or {}
 
     def close(self):
+        side = self.info.pop("side_paths", None)
+        if side is not None:
+            side.remove()
         if self.offloader is not None:
             self.offloader.close()
         self.model = self.offloader = None
@@ -331,6 +363,41 @@ def setup_mode(mode: str, folder: Path, device: torch.device, dtype: torch.dtype
 
 class SkipMode(Exception):
     pass
+
+
+def random_lora(model, rank: int, dtype: torch.dtype) -> PatchSet:
+    """A rank-``rank`` LoRA on every Linear of ``model`` (factors N(0, 0.01), alpha = rank), seeded."""
+    gen = torch.Generator().manual_seed(7)
+    targets = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            up = (torch.randn(module.out_features, rank, generator=gen) * 0.01).to(dtype)
+            down = (torch.randn(rank, module.in_features, generator=gen) * 0.01).to(dtype)
+            targets[name + ".weight"] = (LowRank(up, down, 1.0),)
+    return PatchSet(((PatchFile(f"random rank-{rank}", targets), 1.0),))
+
+
+def add_lora(setup: Setup, rank: int, dtype: torch.dtype) -> Setup:
+    """The pack's LoRA application on a set-up mode: the offloader's (merged in the slot), or for a resident model
+    the same arithmetic merged once into its weights plus the same side paths outside the blocks."""
+    patches = random_lora(setup.model, rank, dtype)
+    if setup.offloader is not None:
+        setup.offloader.set_weight_patches(patches)
+    else:
+        params = dict(setup.model.named_parameters())
+        others = {}
+        with torch.no_grad():
+            for name, terms in patches.targets().items():
+                if name.startswith("blocks."):
+                    patch_tensor(params[name].data, terms)
+                else:
+                    others[name] = terms
+        side = LinearSidePaths(setup.model, others)
+        side.install()
+        setup.info["side_paths"] = side
+    setup.info["lora_params"] = sum(
+        t.up.numel() + t.down.numel() for terms in patches.entries[0][0].targets.values() for t in terms)
+    return setup
 
 
 def make_inputs(config: dict, frames: int, height: int, width: int, text_tokens: int, device, dtype):
@@ -495,6 +562,8 @@ def main(argv=None) -> int:
             write_s += fp8_write_s
         references: dict[int, torch.Tensor] = {}
         fp8_references: dict[int, torch.Tensor] = {}
+        lora_references: dict[int, torch.Tensor] = {}
+        by_mode: dict[tuple[str, int], dict] = {}
         resident_rows: dict[int, dict] = {}
         for mode in args.modes:
             gc.collect()
@@ -503,7 +572,10 @@ def main(argv=None) -> int:
             rss_before = host_memory().get("VmRSS")
             start = time.perf_counter()
             try:
-                setup = setup_mode(mode, folder, device, dtype, args.prefetch_depth, fp8_file, args.pin_fraction)
+                base = mode.removesuffix("_lora")
+                setup = setup_mode(base, folder, device, dtype, args.prefetch_depth, fp8_file, args.pin_fraction)
+                if mode in LORA_MODES:
+                    setup = add_lora(setup, args.lora_rank, dtype)
                 sync(device)
             except SkipMode as e:
                 emit({"config": name, "mode": mode, "skipped": str(e)}, out_file)
@@ -562,6 +634,8 @@ def main(argv=None) -> int:
                         else (0 if mode == "resident" else block_bytes * len(model.blocks)),
                         "prefetch_depth": args.prefetch_depth if mode.startswith("ours") else None,
                         "output_finite": bool(torch.isfinite(out.float()).all()),
+                        "lora_rank": args.lora_rank if mode in LORA_MODES else None,
+                        "lora_params": setup.info.get("lora_params"),
                         **bandwidth,
                         "device_name": env["device_name"],
                         "timed": TIMED,
@@ -576,6 +650,22 @@ def main(argv=None) -> int:
                         row["bit_exact"] = True
                         if frames in resident_rows:
                             row["ratio_to_resident"] = round(row["s_per_step"] / resident_rows[frames]["s_per_step"], 4)
+                    elif mode in LORA_MODES:  # timed against its mode without the LoRA
+                        plain = by_mode.get((mode.removesuffix("_lora"), frames))
+                        if plain is not None:
+                            row["ratio_to_without_lora"] = round(row["s_per_step"] / plain["s_per_step"], 4)
+                        if mode == "resident_lora":
+                            lora_references[frames] = out
+                            row["bit_exact"] = True
+                        else:
+                            ref = lora_references.get(frames) if mode == "ours_stream_lora" else None
+                            row["bit_exact"] = None if ref is None else bit_equal(out, ref)
+                            if ref is not None:
+                                row["max_abs_diff_vs_resident_lora"] = (out.float() - ref.float()).abs().max().item()
+                            if row["bit_exact"] is False:
+                                failures.append(f"{name}/{mode}/{frames} frames: output differs from resident_lora")
+                        if frames in resident_rows:
+                            row["ratio_to_resident"] = round(row["s_per_step"] / resident_rows[frames]["s_per_step"], 4)
                     else:
                         ref = (fp8_references if mode in FP8_MODES else references).get(frames)
                         row["bit_exact"] = None if ref is None else bit_equal(out, ref)
@@ -584,6 +674,9 @@ def main(argv=None) -> int:
                         if mode.startswith("ours") and row["bit_exact"] is False:
                             failures.append(f"{name}/{mode}/{frames} frames: output differs from the resident DiT")
                     row["targets"] = targets(row, resident_rows.get(frames))
+                    if row.get("ratio_to_without_lora") is not None:
+                        row["targets"]["lora_ratio_le_1.02"] = row["ratio_to_without_lora"] <= 1.02
+                    by_mode[(mode, frames)] = row
                     rows.append(row)
                     emit(row, out_file)
             except Exception as e:

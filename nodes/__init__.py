@@ -1,6 +1,7 @@
 """ComfyUI nodes: thin wrappers that turn widget values into engine calls (V1 node API)."""
 
 from .generation import EncodePrompt, Sample
+from .loras import LoadLoRA
 from .loaders import LoadDiT, LoadImageEncoder, LoadModel, LoadTextEncoder, LoadVAE, OffloadSettings, WanModelFromFiles
 from .video import DecodeVAE, SaveVideo
 
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "VideoOffloadWanModel": WanModelFromFiles,
     "VideoOffloadLoadModel": LoadModel,
     "VideoOffloadSettings": OffloadSettings,
+    "VideoOffloadLoadLoRA": LoadLoRA,
     "VideoOffloadEncodePrompt": EncodePrompt,
     "VideoOffloadSample": Sample,
     "VideoOffloadDecodeVAE": DecodeVAE,
@@ -26,6 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VideoOffloadWanModel": "Wan Model from Files (Video Offload)",
     "VideoOffloadLoadModel": "Load Wan Diffusers Folder (Video Offload)",
     "VideoOffloadSettings": "Offload Settings (Video Offload)",
+    "VideoOffloadLoadLoRA": "Load LoRA (Video Offload)",
     "VideoOffloadEncodePrompt": "Encode Prompt (Video Offload)",
     "VideoOffloadSample": "Sample (Video Offload)",
     "VideoOffloadDecodeVAE": "Decode VAE (Video Offload)",

@@ -218,3 +218,38 @@ class NodeStepObserver:
     def after_step(self, index: int, total: int) -> None:
         if self.bar is not None:
             self.bar.update_absolute(index + 1, total)
+
+
+LORA_FOLDER_KEY = "loras"
+"""ComfyUI's LoRA folder (``ComfyUI/models/loras``), which its own LoraLoaderModelOnly lists."""
+
+
+def list_lora_files() -> list[str]:
+    """The safetensors files of ComfyUI's loras folders, by the relative names its own LoRA loader shows."""
+    if folder_paths is None:
+        return []
+    try:
+        names = folder_paths.get_filename_list(LORA_FOLDER_KEY)
+    except KeyError:  # a ComfyUI without that folder key
+        return []
+    return sorted(n for n in names if n.lower().endswith(SINGLE_FILE_SUFFIXES))
+
+
+def resolve_lora(name: str) -> Path:
+    """The LoRA ``name`` in ComfyUI's loras folders (``folder_paths.get_full_path`` keeps names inside them), or,
+    outside ComfyUI, the path ``name``."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"lora_name={name!r} is empty. Fix: pick a LoRA from the list.")
+    if not in_comfyui():
+        return Path(name)
+    try:
+        found = folder_paths.get_full_path(LORA_FOLDER_KEY, name)
+        folders = folder_paths.get_folder_paths(LORA_FOLDER_KEY)
+    except KeyError:
+        found, folders = None, []
+    if found is None:
+        raise ModelLoadError(
+            f"lora_name={name!r} was not found in ComfyUI's loras folders ({', '.join(folders) or 'none configured'}). "
+            "Fix: put the file in ComfyUI/models/loras/ and refresh the node list (press r)."
+        )
+    return Path(found)

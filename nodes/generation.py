@@ -111,5 +111,6 @@ class Sample:
             )
         except ConfigError as e:
             raise e.renamed(WIDGET_NAMES.get(e.field, e.field)) from None
-        latents = sample_latents(model.manager, model.model, model.config, conditioning, params, NodeStepObserver())
+        latents = sample_latents(model.manager, model.model, model.config, conditioning, params, NodeStepObserver(),
+                                 model.lora_patches())
         return (to_comfy_latent(model.model, latents),)

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..offload.config import OffloadConfig
 from ..offload.core.loaded_model import LoadedModel
 from ..offload.core.manager import OffloadManager
+from ..offload.core.weight_patches import PatchFile, PatchSet
 
 MODEL_TYPE = "VO_MODEL"
 CONDITIONING_TYPE = "VO_CONDITIONING"
@@ -15,11 +16,20 @@ CONDITIONING_TYPE = "VO_CONDITIONING"
 
 @dataclass(frozen=True)
 class ModelHandle:
-    """A loaded model, the manager that places it, and the offload options to place it with."""
+    """A loaded model, the manager that places it, the offload options to place it with, and the LoRAs to apply."""
 
     manager: OffloadManager
     model: LoadedModel
     config: OffloadConfig
+    loras: tuple[tuple[str, PatchFile, float], ...] = ()
+    """(DiT name, LoRA read for it, strength), in the order the Load LoRA nodes added them."""
+
+    def lora_patches(self) -> dict[str, PatchSet]:
+        """The LoRAs per DiT, as the sampler takes them."""
+        found: dict[str, list[tuple[PatchFile, float]]] = {}
+        for dit, patch_file, strength in self.loras:
+            found.setdefault(dit, []).append((patch_file, strength))
+        return {dit: PatchSet(tuple(entries)) for dit, entries in found.items()}
 
 
 COMPONENT_TYPES = {

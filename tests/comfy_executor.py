@@ -43,6 +43,7 @@ def make_folder_paths(models_dir: Path, output_dir: Path, input_dir: Path | None
         "text_encoders": ([str(models / "text_encoders"), str(models / "clip")], SUPPORTED_PT_EXTENSIONS),
         "vae": ([str(models / "vae")], SUPPORTED_PT_EXTENSIONS),
         "clip_vision": ([str(models / "clip_vision")], SUPPORTED_PT_EXTENSIONS),
+        "loras": ([str(models / "loras")], SUPPORTED_PT_EXTENSIONS),
     }
 
     def folders(name: str) -> tuple[list[str], set[str]]:

@@ -29,7 +29,7 @@ SIZES = dict(height=64, width=96, num_frames=9, num_inference_steps=2)
 DOC = REPO_ROOT / "docs" / "reliability.md"
 
 
-DOCUMENTED_ROWS = 80
+DOCUMENTED_ROWS = 84
 """The hostile-input table's row count: a deleted (or unparseable) row fails here instead of silently not running."""
 
 
@@ -65,6 +65,10 @@ def node_env(tiny_t2v, tmp_path_factory):
     import shutil
 
     shutil.copytree(tiny_t2v, models / "tiny")
+    (root / "loras").mkdir()  # ComfyUI's models/loras: a sibling of the folder passed as models/diffusers
+    from safetensors.torch import save_file
+
+    save_file({"first_stage_model.decoder.conv_in.weight": torch.zeros(2)}, str(root / "loras" / "not_a_lora.safetensors"))
     pack = load_pack(REPO_ROOT, make_folder_paths(models, output), {})
     nodes = {name: cls() for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
     (output / "a_file").parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +85,7 @@ def node_env(tiny_t2v, tmp_path_factory):
             auto_offload=False, max_pinned_memory_gb=8, auto_max_pinned_memory_gb=False,
         ),
         "VideoOffloadEncodePrompt": dict(model=model, prompt="a cat", negative_prompt=""),
+        "VideoOffloadLoadLoRA": dict(model=model, lora_name="not_a_lora.safetensors", strength=1.0, expert="all"),
         "VideoOffloadSample": dict(
             model=model, conditioning=conditioning, width=96, height=64, num_frames=9, steps=2, cfg=5.0,
             flow_shift=3.0, seed=0,

@@ -23,9 +23,15 @@ stream. The raw buffer is used by that stream only, so stream order alone keeps 
 decode still reads, and one raw buffer serves every slot. The copy is issued before the wait for the slot to be
 free (it touches only the raw buffer), so the transfer of the next block overlaps the running block's compute as
 before, and the decode - a few memory-bound kernels - runs beside the compute stream instead of on it.
+
+A block may also be *transformed* after its copy (``load(..., transform=...)``: a LoRA merged into the slot, see
+``weight_patches``): the transform is enqueued on the copy stream after the copy and decode and before ``loaded``
+is recorded, so it overlaps the running block's compute exactly as the copy does.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -68,15 +74,18 @@ class BlockSlots:
         raw = 0 if self.raw is None else self.raw.numel()
         return self.nbytes * len(self.buffers) + raw
 
-    def load(self, slot: int, host_flat: torch.Tensor) -> None:
+    def load(self, slot: int, host_flat: torch.Tensor, transform: Callable[[], None] | None = None) -> None:
         """Copy one block's bytes from host memory into ``slot`` (staged: into the raw buffer, then widen them into
-        ``slot``), ordered after the slot's last reader."""
+        ``slot``), ordered after the slot's last reader. ``transform`` (a LoRA merge: ``weight_patches``) then runs
+        on the slot's contents, on the copy stream, before the slot counts as loaded."""
         if not self._cuda:
             if self.staged is None:
                 self.buffers[slot].copy_(host_flat)
             else:
                 self.raw.copy_(host_flat)
                 StagedLayout.decode(self._decode_views[slot])
+            if transform is not None:
+                transform()
             return
         with torch.cuda.stream(self.copy_stream):
             if self.staged is None:
@@ -93,6 +102,8 @@ class BlockSlots:
                 self.raw.copy_(host_flat, non_blocking=True)
                 self.copy_stream.wait_event(self._free[slot])
                 self._decode(self._decode_views[slot])
+            if transform is not None:
+                transform()  # after the copy (and widening) on this stream; compute waits on `loaded` below
             self._loaded[slot].record(self.copy_stream)
 
     def wait_loaded(self, slot: int) -> None:

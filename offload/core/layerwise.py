@@ -31,6 +31,14 @@ What it does, for any model whose blocks are an ``nn.ModuleList`` of identically
 - Experts: offloaders given one ``shared_slots`` (a model's DiTs that take turns, Wan2.2 A14B's two experts) stream
   through one set of slots, and ``hand_over`` makes the last forward of one prefetch the next one's first blocks
   instead of its own (``slot_sharing``): one expert's slots on the device, no stall at the switch.
+- Weight patches (LoRAs, :meth:`LayerwiseOffloader.set_weight_patches`): a streamed block's terms are added to the
+  slot right after its copy (and fp8 widening), on the copy stream (``weight_patches.BlockPatcher``): the slot is
+  a fresh copy of the untouched host bytes every time, so the host master copy is never written, no second copy
+  of any weight exists, and a new LoRA or strength takes effect at the next copy - no reload. Merging costs one
+  thin matmul per patched weight per copy, beside the compute stream; a side path instead would cost two thin
+  matmuls over every token on the compute stream. Resident blocks are copied from the host again and patched
+  once; the Linear layers outside the blocks get a side path (``weight_patches.LinearSidePaths``), because their
+  device copy is their only copy and a merge into it could not be undone exactly.
 
 Loading lives in ``weights.streaming`` and the residency policy in ``residency.py``; this module is the pipeline.
 
@@ -60,6 +68,7 @@ from .residency import AutoResidency, spread_resident
 from .slot_sharing import SharedSlots
 from .stored_format import StagedLayout, StoredFormat
 from .tensors import TensorRef, tensor_refs
+from .weight_patches import NO_PATCHES, BlockPatcher, LinearSidePaths, PatchSet, check_targets
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +118,8 @@ class LayerwiseStats:
     forwards: int
     recoveries: int
     """Forwards that found a block left on the GPU by an exception or interrupt and put it back."""
+    weight_patches: str = ""
+    """The LoRAs applied, with their strengths (empty: none)."""
 
 
 def _resolve_device(device: torch.device | str) -> torch.device:
@@ -238,6 +249,9 @@ class LayerwiseOffloader:
         self._handoff: tuple[LayerwiseOffloader, int] | None = None  # (next offloader, forwards until its turn)
         self._handing_over: LayerwiseOffloader | None = None  # this forward's wrap-around prefetches go to it
         self._handoff_live: LayerwiseOffloader | None = None  # armed for this forward's wrap-around
+        self._patches: PatchSet = NO_PATCHES
+        self._patcher: BlockPatcher | None = None
+        self._side_paths: LinearSidePaths | None = None
 
         # Build host views and GPU copies outside inference mode, so they are ordinary tensors whatever the caller's
         # mode (ComfyUI loads models inside torch.inference_mode()).
@@ -401,6 +415,7 @@ class LayerwiseOffloader:
     def _free_device_memory(self) -> None:
         """Drop resident blocks and slots, and unpin (the host views stay valid as pageable memory)."""
         self._resident_flat.clear()
+        self._drop_patches()
         self._drop_slots()
         self._finalizer()  # HostArena.release
 
@@ -517,7 +532,10 @@ class LayerwiseOffloader:
                     else:
                         flat.copy_(self._host_flat[i], non_blocking=True)
                     self._resident_flat[i] = flat
-                    self._point(i, [s.view_into(flat) for s in self.layout.slots])
+                    views = [s.view_into(flat) for s in self.layout.slots]
+                    if self._patcher is not None:
+                        self._patcher.apply_now(i, views)
+                    self._point(i, views)
             self._resident_mask = tuple(mask)
             self._streamed = [i for i, r in enumerate(mask) if not r]
             self._position = [-1] * len(mask)
@@ -616,7 +634,11 @@ class LayerwiseOffloader:
                 self._handing_over._fill()
                 return
             slot = free.popleft()
-            slots.load(slot, self._host_flat[self._streamed[position]])
+            index = self._streamed[position]
+            transform = None
+            if self._patcher is not None:
+                transform = functools.partial(self._patcher.apply, index, self._slot_views[slot])
+            slots.load(slot, self._host_flat[index], transform)
             queue.append((position, slot))
             self._next_issue = (position + 1) % limit
             self._transfers += 1
@@ -745,6 +767,65 @@ class LayerwiseOffloader:
             "%s: resident_blocks=%r -> %d of %d blocks resident", self._blocks_name, resident_blocks, count, num_blocks
         )
 
+    @property
+    def weight_patches(self) -> PatchSet:
+        """The LoRAs (weight patches) applied now."""
+        return self._patches
+
+    def set_weight_patches(self, patches: PatchSet | None) -> None:
+        """Apply ``patches`` (LoRAs with strengths; None or empty: none) from the next block copy on, between
+        forwards. Nothing is reloaded: copies already prefetched are issued again, resident blocks are copied again
+        from the untouched host bytes and patched, and the layers outside the blocks get side paths. A set equal to
+        the current one (same files, same strengths) costs nothing. Synchronizes the device once when it changes."""
+        patches = patches or NO_PATCHES
+        if self._closed:
+            raise RuntimeError("this LayerwiseOffloader is closed; create a new one")
+        if patches == self._patches:
+            return
+        block_terms: dict[int, dict[int, list]] = {}
+        other_terms: dict[str, list] = {}
+        slot_of = {s.name: k for k, s in enumerate(self.layout.slots)}
+        prefix = self._blocks_name + "."
+        for name, terms in patches.targets().items():
+            index, _, rest = name.removeprefix(prefix).partition(".")
+            if name.startswith(prefix) and index.isdigit() and int(index) < len(self.blocks) and rest in slot_of:
+                block_terms.setdefault(int(index), {})[slot_of[rest]] = terms
+            else:
+                other_terms[name] = terms
+        shapes = {f"{prefix}{i}.{s.name}": s.shape for i in range(len(self.blocks)) for s in self.layout.slots}
+        shapes.update({n: tuple(t.shape) for n, t in self.model.named_parameters() if not n.startswith(prefix)})
+        check_targets(patches, shapes, type(self.model).__name__)
+        side_paths = LinearSidePaths(self.model, other_terms) if other_terms else None  # refuses what it cannot run
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever the caller's mode
+            patcher = BlockPatcher(block_terms, self.layout, self.device, pin=self._arena.pinned) if block_terms else None
+        self._reset_pipeline()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # one-off: no copy in flight still reads the old factors
+        self._drop_patches()
+        self._patches, self._patcher, self._side_paths = patches, patcher, side_paths
+        if side_paths is not None:
+            side_paths.install()
+        if not self._released:
+            with torch.inference_mode(False), torch.no_grad():
+                for i, flat in self._resident_flat.items():  # from the host bytes again, then the new terms
+                    if self.staged is not None:
+                        self.staged.decode_copy(self._host_flat[i], flat)
+                    else:
+                        flat.copy_(self._host_flat[i], non_blocking=True)
+                    if patcher is not None:
+                        patcher.apply_now(i, [s.view_into(flat) for s in self.layout.slots])
+            if self._streamed:
+                self._fill()
+        logger.info("%s.%s: weight patches: %s (%d blocks, %d other tensors)", type(self.model).__name__,
+                    self._blocks_name, patches.describe(), len(block_terms), len(other_terms))
+
+    def _drop_patches(self) -> None:
+        if self._patcher is not None:
+            self._patcher.close()
+        if self._side_paths is not None:
+            self._side_paths.remove()
+        self._patcher, self._side_paths, self._patches = None, None, NO_PATCHES
+
     def block_location(self, index: int) -> Literal["host", "slot", "resident", "elsewhere"]:
         """Where block ``index``'s tensors point now: its host copy (between forwards, and always once closed), a
         streaming slot (while it runs), its resident GPU copy, or somewhere else (someone replaced them)."""
@@ -781,6 +862,10 @@ class LayerwiseOffloader:
                     t.data = t.data.to("cpu")
         self._resident_flat.clear()
         self._drop_slots()
+        if self._patcher is not None:
+            self._patcher.release_device()
+        if self._side_paths is not None:
+            self._side_paths.release_device()
         self._released = True
 
     def _restore_device(self) -> None:
@@ -806,13 +891,14 @@ class LayerwiseOffloader:
             stored_narrow=self.staged is not None,
             host_bytes=self._arena.nbytes,
             pinned_bytes=self._arena.pinned_bytes,
-            slot_bytes=self._slots.total_bytes if self._slots else 0,
+            slot_bytes=(self._slots.total_bytes if self._slots else 0) + (self._patcher.device_bytes if self._patcher else 0),
             resident_bytes=len(self._resident_flat) * self.layout.nbytes,
             non_block_bytes=0 if self._closed or self._released else sum(t.numel() * t.element_size() for t in self._non_block),
             transfers=self._transfers,
             transferred_bytes=self._transfers * self._host_flat[0].numel(),
             forwards=self._forwards,
             recoveries=self._recoveries,
+            weight_patches=self._patches.describe() if self._patches else "",
         )
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ from .placement import ModulePlacer, Placement
 from .private_memory import detach_from_files
 from .spec import ModelSource, ModelSpec, Role, find_block_list
 from .tensors import tensor_bytes
+from .weight_patches import PatchSet
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,9 @@ class OffloadManager:
         del self.history[:-64]
 
     @contextlib.contextmanager
-    def in_use(self, model: LoadedModel, name: str, config: OffloadConfig) -> Iterator[tuple[nn.Module, torch.device]]:
+    def in_use(
+        self, model: LoadedModel, name: str, config: OffloadConfig, patches: PatchSet | None = None
+    ) -> Iterator[tuple[nn.Module, torch.device]]:
         """Yield component ``name`` ready to run, and the device it runs on, placed by its role.
 
         - text encoder with ``text_encoder_cpu_offload``: weights and compute on the CPU (FastVideo's meaning);
@@ -206,11 +209,14 @@ class OffloadManager:
         - image encoder / VAE with their cpu offload: copied to the device for the call and the copy dropped after -
           no copy back, the host copy never changed;
         - without offload: placed on the device and kept there (a text encoder only while the device has room);
-        - a DiT: streamed layer by layer (``dit_layerwise_offload``) or resident.
+        - a DiT: streamed layer by layer (``dit_layerwise_offload``) or resident, carrying ``patches`` (LoRAs with
+          their strengths; None: none) in its device copies only (``core.weight_patches``).
         """
         role = model.spec.component(name).role
+        if patches and role is not Role.DIT:
+            raise ValueError(f"{model.name}/{name} is a {role.value}: weight patches (LoRAs) apply to DiTs only")
         if role is Role.DIT:
-            with self._dit_in_use(model, name, config) as dit:
+            with self._dit_in_use(model, name, config, patches) as dit:
                 yield dit, self.device
             return
         cpu_offload = getattr(config, OFFLOAD_OPTION_OF_ROLE[role])
@@ -267,7 +273,7 @@ class OffloadManager:
         return free >= total // 2
 
     @contextlib.contextmanager
-    def _dit_in_use(self, model: LoadedModel, name: str, config: OffloadConfig) -> Iterator[nn.Module]:
+    def _dit_in_use(self, model: LoadedModel, name: str, config: OffloadConfig, patches: PatchSet | None) -> Iterator[nn.Module]:
         if config.dit_cpu_offload and not config.use_fsdp_inference:
             self._log_once(
                 "dit_cpu_offload=True has no effect without use_fsdp_inference; "
@@ -277,11 +283,14 @@ class OffloadManager:
             if not config.dit_layerwise_offload:
                 model.resources.drop_layerwise(name)
                 dit = self.component(model, name)
-                self._place(model, name, self._placer(model, name, config.pin_cpu_memory, config), keep=True)
+                placer = self._placer(model, name, config.pin_cpu_memory, config)
+                self._place(model, name, placer, keep=True)
+                placer.set_weight_patches(patches)
                 self._record(model, name, Placement.GPU, self.device)
                 yield dit
                 return
             dit = self._place_layerwise(model, name, config, config.resident_blocks)
+            model.resources.offloaders[name].set_weight_patches(patches)
             self._record(model, name, Placement.LAYERWISE, self.device)
             try:
                 yield dit

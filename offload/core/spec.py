@@ -337,6 +337,9 @@ class ModelSpec:
     files: Mapping[str, ComponentFiles] = field(default_factory=dict)
     """How a model of this pipeline is read from single files, per component (empty: folders only). The DiT's
     format also picks the spec: the first registered spec whose DiT format recognises a file reads it."""
+    read_lora: Callable[..., Any] | None = None
+    """Optional: ``read_lora(path, shapes, what) -> weight_patches.PatchFile``, the family's LoRA file formats read
+    onto a DiT whose tensors have ``shapes`` (its own names); None: this family takes no LoRAs."""
 
     def component(self, name: str) -> ComponentSpec:
         for component in self.components:

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import PRECISIONS, SamplingParams, option_specs
 from ..core.devices import resolve_device
 from ..errors import VideoOffloadError
+from .loras import LoraChoice
 
 DEMO_SETTINGS = dict(height=256, width=256, num_frames=17, num_inference_steps=8)
 """The demo's size: a tiny random model renders this in seconds on two CPU cores."""
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output-path", default="outputs/", help="a folder, or a file name ending in .mp4")
     gen.add_argument("--fps", type=int, default=16)
     gen.add_argument("--no-save", action="store_true", help="do not write the .mp4")
+    gen.add_argument("--lora", action="append", default=[], metavar="[DIT=]FILE[:STRENGTH]",
+                     help="a LoRA .safetensors file (ComfyUI's loras/, e.g. a lightx2v 4-step LoRA) at STRENGTH "
+                          "(default 1.0), for every DiT or only DIT (transformer; Wan2.2 A14B's low-noise expert: "
+                          "transformer_2); repeat for several. Added on the GPU: the weights in RAM stay as they are")
     offload = gen.add_argument_group("offload options (FastVideo's names and defaults)")
     for spec in option_specs():  # one declaration: OffloadConfig's fields
         if spec.kind == "bool":
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             save_video=not args.no_save,
             fps=args.fps,
             observer=ProgressBarObserver(),
+            loras=[LoraChoice.parse(text) for text in args.lora],
             **sizes,
         )
     except (VideoOffloadError, ValueError) as e:

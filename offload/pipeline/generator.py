@@ -12,6 +12,7 @@ import os
 import re
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ from ..core.denoise import StepObserver
 from ..core.devices import resolve_device
 from ..core.manager import OffloadManager
 from ..errors import ConfigError, VideoSaveError
+from ..core.weight_patches import PatchFile, PatchSet
+from .loras import LoraChoice, as_choice, check_patches, read_lora
 from .stages import check_job_memory, check_params_for_model, decode_video, encode_prompts, load_model, sample_latents
 from .video_io import save_mp4, validate_fps
 
@@ -37,6 +40,8 @@ class VideoGenerator:
         self.manager = manager
         self.model = load_model(manager, model_path, precision)
         self.last_video_path: Path | None = None
+        self._lora_files: dict[tuple, PatchFile] = {}
+        """The LoRA files the last video used, by (path, DiT, size and mtime): a strength change reads nothing."""
         """The .mp4 the last ``generate_video`` saved (a counter is appended when a name is taken)."""
 
     @classmethod
@@ -113,12 +118,16 @@ class VideoGenerator:
         fps: int = 16,
         image: Any = None,
         observer: StepObserver | None = None,
+        loras: Sequence[Any] = (),
     ) -> np.ndarray:
         """Generate one video; return its frames ``[F, H, W, 3]`` as float32 in 0..1.
 
         With ``save_video`` an .mp4 is written into ``output_path`` (a folder, or a file path ending in .mp4).
         ``image`` (image-to-video models) is the start frame: a PIL image, a file path or an ``[H, W, 3]`` array.
         ``guidance_scale_2`` and ``boundary_ratio`` apply to two-expert models (Wan2.2 A14B) only.
+        ``loras``: LoRA files for this video, each a path, ``(path, strength)`` or ``(path, strength, dit)`` (a DiT
+        component name such as ``transformer_2``; default every DiT), or a ``pipeline.loras.LoraChoice``. They are
+        added to the DiT's device copies only: the next call with other LoRAs or strengths reloads nothing.
         Every parameter is checked before any weight is read.
         """
         fps = validate_fps(fps)
@@ -136,9 +145,10 @@ class VideoGenerator:
         )
         check_params_for_model(self.model, params)
         check_job_memory(self.manager, self.model, self.config, params)  # before any weight moves or noise is drawn
+        patches = check_patches(self.model, self.lora_patches(loras), self.config.distributed)  # before any encode
         started = time.perf_counter()
         conditioning = encode_prompts(self.manager, self.model, self.config, prompt, negative_prompt, image)
-        latents = sample_latents(self.manager, self.model, self.config, conditioning, params, observer)
+        latents = sample_latents(self.manager, self.model, self.config, conditioning, params, observer, patches)
         frames = decode_video(self.manager, self.model, self.config, latents).numpy()
         logger.info("generated %d frames in %.1f s", frames.shape[0], time.perf_counter() - started)
         if target is not None:
@@ -150,6 +160,23 @@ class VideoGenerator:
             self.last_video_path = path
             logger.info("saved %s", path)
         return frames
+
+    def lora_patches(self, loras: Sequence[Any]) -> dict[str, PatchSet]:
+        """The LoRAs of ``loras`` read for this model (see :meth:`generate_video`). A file the previous call used,
+        unchanged (same size and modification time), is not read again; files no longer used are let go."""
+        if isinstance(loras, (str, Path, LoraChoice)):
+            loras = [loras]
+        entries: dict[str, list[tuple[PatchFile, float]]] = {}
+        used: dict[tuple, PatchFile] = {}
+        for choice in map(as_choice, loras):
+            stat = choice.path.stat() if choice.path.is_file() else None
+            for dit in (self.model.dit_names if choice.dit is None else (choice.dit,)):
+                key = (choice.path.resolve(), dit, stat and (stat.st_size, stat.st_mtime_ns))
+                if key not in used:
+                    used[key] = self._lora_files.get(key) or read_lora(self.model, dit, choice.path)
+                entries.setdefault(dit, []).append((used[key], choice.strength))
+        self._lora_files = used
+        return {dit: PatchSet(tuple(pairs)) for dit, pairs in entries.items()}
 
     def report(self) -> list[Any]:
         """Where each of this model's components is now (see ``OffloadManager.report``)."""

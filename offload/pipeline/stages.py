@@ -27,8 +27,10 @@ from ..core.manager import OffloadManager
 from ..core.memory_estimate import MemoryEstimate, check_fits, decode_parts, dit_parts, frame_shape, host_parts
 from ..core.spec import LatentSpace, Role
 from ..core.tensors import tensor_bytes
+from ..core.weight_patches import PatchSet
 from ..errors import ConfigError, OffloadOutOfMemoryError
 from ..families import open_files, open_model
+from .loras import check_patches
 
 logger = logging.getLogger(__name__)
 
@@ -219,19 +221,26 @@ def sample_latents(
     conditioning: Conditioning,
     params: SamplingParams,
     observer: StepObserver | None = None,
+    loras: Mapping[str, PatchSet] | None = None,
 ) -> torch.Tensor:
-    """Denoise from the seed's noise; return the normalised latents ``[1, C, T, H/s, W/s]``, float32, on the CPU."""
+    """Denoise from the seed's noise; return the normalised latents ``[1, C, T, H/s, W/s]``, float32, on the CPU.
+
+    ``loras``: per DiT name, the LoRAs (with strengths) its device copies carry during this run (``pipeline.loras``
+    reads them); DiTs not named run without. The host copy of the weights is never changed."""
     check_params_for_model(model, params)
+    loras = check_patches(model, loras, config.distributed)
     check_job_memory(manager, model, config, params)
     if model.spec.image_to_video and conditioning.image is None:
         raise ConfigError(
             "conditioning", "text only", f"{model.name} is an image-to-video model",
             "encode the prompt with a start image connected",
         )
-    return _with_auto_offload(manager, model, config, lambda c: _sample(manager, model, c, conditioning, params, observer))
+    return _with_auto_offload(manager, model, config,
+                              lambda c: _sample(manager, model, c, conditioning, params, observer, loras))
 
 
-def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, params, observer) -> torch.Tensor:
+def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, params, observer,
+            loras: Mapping[str, PatchSet] | None = None) -> torch.Tensor:
     scheduler_component = model.spec.first(Role.SCHEDULER)
     scheduler_class, scheduler_config = manager.component(model, scheduler_component.name)
     scheduler = make_scheduler(scheduler_component.resolve, scheduler_class, scheduler_config, params.flow_shift)
@@ -252,7 +261,7 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
     with contextlib.ExitStack() as stack:
         predictors = {}
         for name in dits:
-            dit, device = stack.enter_context(manager.in_use(model, name, config))
+            dit, device = stack.enter_context(manager.in_use(model, name, config, (loras or {}).get(name)))
             _chunk_tokenwise_layers(manager, model, name, dit, config, space.tokens(noise.shape))
             predictors[name] = stages.noise_predictor(dit, conditioning, device, model.dtypes[name])
 

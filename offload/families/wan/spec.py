@@ -14,6 +14,7 @@ from ...errors import ConfigError
 from ...distributed.sampling import sample_in_workers
 from .config_checks import check_wan_configs, wan_memory_model
 from .files import SPIECE_MODEL, ClipVisionHFormat, Umt5Format, WanDitFormat, WanVaeFormat
+from .lora import read_wan_lora
 from .parallelize import parallelize_wan
 from .shapes import WAN_SCHEDULER
 
@@ -156,7 +157,7 @@ class WanStages:
 STAGES = WanStages()
 _COMMON = dict(family="wan2.1", stages=STAGES, module=__name__, parallelize=parallelize_wan,
                worker_methods={"sample": sample_in_workers}, check_configs=check_wan_configs,
-               memory_model=wan_memory_model)
+               memory_model=wan_memory_model, read_lora=read_wan_lora)
 
 WAN21_T2V = ModelSpec(
     name="wan2.1-t2v", pipeline_class="WanPipeline",
