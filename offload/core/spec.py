@@ -297,6 +297,12 @@ class FamilyStages(Protocol):
         """The DiT's modules that act on each token independently (feed-forward networks), with the sequence on
         dim 1 of their input and output: they may run over chunks of the sequence with the same result."""
 
+    # Optional steps (looked up with getattr; a family without them gets the behaviour described):
+    #   check_config(source, config) -> None: refuse offload options the model cannot honour, before any work
+    #       (without it: every option is accepted).
+    #   finish_latents(latents, conditioning) -> latents: the sampled latents as the pipeline returns them, e.g. the
+    #       start frame pasted back in (without it: the denoising loop's latents unchanged).
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -312,6 +318,8 @@ class ModelSpec:
     module: str
     """``__name__`` of the module defining the spec; workers import it to find the spec again."""
     image_to_video: bool = False
+    optional_image: bool = False
+    """Takes a start image or not, both through the same model (Wan2.2 TI2V-5B); ``image_to_video`` requires one."""
     parallelize: Callable[..., Any] | None = None
     """``parallelize(model, plan, device, *, cpu_offload, pin_memory)`` for FSDP workers; None: no worker group."""
     worker_methods: Mapping[str, Callable[..., Any]] = field(default_factory=dict)

@@ -188,6 +188,8 @@ def _encode(manager, model: LoadedModel, config: OffloadConfig, prompt, negative
 
 
 def _check_image_for_model(model: LoadedModel, image: Any):
+    if model.spec.optional_image:
+        return None if image is None else model.spec.stages.prepare_image(image)
     if model.spec.image_to_video:
         if image is None:
             raise ConfigError(
@@ -213,6 +215,7 @@ def sample_latents(
 ) -> torch.Tensor:
     """Denoise from the seed's noise; return the normalised latents ``[1, C, T, H/s, W/s]``, float32, on the CPU."""
     check_params_for_model(model, params)
+    _check_config_for_model(model, config)
     check_job_memory(manager, model, config, params)
     if model.spec.image_to_video and conditioning.image is None:
         raise ConfigError(
@@ -236,7 +239,8 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
         group = manager.worker_group(model, WorkerGroup.key_for(model, config), lambda: WorkerGroup.start(model, config))
         check_sequence_split(group.plan, space, tuple(noise.shape))
         payload = sample_payload(conditioning, params, (scheduler_class, scheduler_config), noise)
-        return group.call("sample", payload, observer, total_steps=params.num_inference_steps)["latents"]
+        latents = group.call("sample", payload, observer, total_steps=params.num_inference_steps)["latents"]
+        return _finish_latents(model, latents, conditioning)
     stages = model.spec.stages
     dits = model.dit_names
     num_train = int(scheduler.config.get("num_train_timesteps", 1000))
@@ -251,7 +255,21 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
             name = stages.dit_for_step(model.source, dits, float(timestep[0]), num_train)
             return guided_prediction(predictors[name], latents, timestep, params.guidance_scale)
 
-        return denoise(predict, scheduler, params, noise, manager.device, observer)
+        latents = denoise(predict, scheduler, params, noise, manager.device, observer)
+    return _finish_latents(model, latents, conditioning)
+
+
+def _check_config_for_model(model: LoadedModel, config: OffloadConfig) -> None:
+    """The family's refusal of options its model cannot honour (``FamilyStages`` optional ``check_config``)."""
+    check = getattr(model.spec.stages, "check_config", None)
+    if check is not None:
+        check(model.source, config)
+
+
+def _finish_latents(model: LoadedModel, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    """The family's last touch on sampled latents (``FamilyStages`` optional ``finish_latents``)."""
+    finish = getattr(model.spec.stages, "finish_latents", None)
+    return latents if finish is None else finish(latents, conditioning)
 
 
 def check_sequence_split(plan: Any, space: LatentSpace, latent_shape: tuple[int, ...]) -> None:
@@ -286,6 +304,7 @@ def prepare_image_condition(
     """Image-to-video: VAE-encode the start frame for this video's size (``sample_latents`` does it when needed;
     callers that want it as a stage of its own - timing, or a separate node - call this first)."""
     check_params_for_model(model, params)
+    _check_config_for_model(model, config)
     return _with_auto_offload(manager, model, config, lambda c: _with_image_condition(manager, model, c, conditioning, params))
 
 
@@ -311,6 +330,7 @@ def decode_video(manager: OffloadManager, model: LoadedModel, config: OffloadCon
     Decode lays out a batch of video latents), never only the first."""
     latents = check_latents(model, latents)
     space = latent_space(model)
+    _check_config_for_model(model, config)
     check_decode_memory(manager, model, latents, tiled=config.vae_tiling != "off")
 
     def decode(config: OffloadConfig) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""Wan2.2 TI2V-5B: text-to-video and image-to-video through the same model give the frames of diffusers'
+``WanPipeline`` and ``WanImageToVideoPipeline`` (``expand_timesteps=True``) on a tiny model - from its Diffusers
+folder and from Comfy-Org's single files (``wan2.2_ti2v_5B_fp16`` + ``wan2.2_vae``), streamed layer by layer or
+resident; the Wan2.2 VAE's file layout reads back as written; misuse is refused naming the field and the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from video_offload import VideoGenerator
+from video_offload.offload import ConfigError, ModelLoadError, OffloadManager
+from video_offload.offload.families import open_files, open_model
+
+SIZES = dict(height=64, width=64, num_frames=9, num_inference_steps=3, guidance_scale=4.0)
+PROMPT, NEGATIVE = "a cat turns its head", "blurry"
+
+
+@pytest.fixture(scope="module")
+def tiny_ti2v(tmp_path_factory):
+    from video_offload.offload.families.wan.tiny_ti2v import build_tiny_ti2v
+
+    return build_tiny_ti2v(tmp_path_factory.mktemp("models") / "tiny-wan2.2-ti2v")
+
+
+@pytest.fixture(scope="module")
+def ti2v_files(tiny_ti2v, tmp_path_factory):
+    from video_offload.offload.families.wan.tiny_ti2v import export_ti2v_single_files
+
+    paths = export_ti2v_single_files(tiny_ti2v, tmp_path_factory.mktemp("ti2v-files"))
+    return {"dit": paths["dit"], "vae": paths["vae"], "text_encoder": tiny_ti2v}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ti2v):
+    """diffusers' own pipelines on the tiny folder, cached per call."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    cache = {}
+
+    def run(seed: int, image=None):
+        key = (seed, image is not None)
+        if key not in cache:
+            if image is None:
+                pipe = WanPipeline.from_pretrained(tiny_ti2v, dtype=torch.float32)
+                args = ()
+            else:
+                pipe = WanImageToVideoPipeline.from_pretrained(tiny_ti2v, dtype=torch.float32)
+                assert pipe.config.expand_timesteps and pipe.image_encoder is None
+                args = (image,)
+            pipe.set_progress_bar_config(disable=True)
+            cache[key] = pipe(*args, prompt=PROMPT, negative_prompt=NEGATIVE, output_type="np",
+                              generator=torch.Generator("cpu").manual_seed(seed), **SIZES).frames[0]
+        return cache[key]
+
+    return run
+
+
+def generator_for(source, **options) -> VideoGenerator:
+    manager = OffloadManager("cpu")
+    if isinstance(source, dict):
+        return VideoGenerator.from_files(**{k: str(v) for k, v in source.items()}, precision="float32",
+                                         manager=manager, **options)
+    return VideoGenerator.from_pretrained(source, precision="float32", manager=manager, **options)
+
+
+def generate(generator: VideoGenerator, seed: int, image=None) -> np.ndarray:
+    return generator.generate_video(PROMPT, NEGATIVE, image=image, seed=seed, save_video=False, **SIZES)
+
+
+@pytest.mark.parametrize("source", ["folder", "files"])
+@pytest.mark.parametrize("layerwise", [False, True], ids=["resident", "layerwise"])
+@pytest.mark.parametrize("mode", ["t2v", "i2v"])
+def test_frames_equal_diffusers(tiny_ti2v, ti2v_files, reference, start_image, source, layerwise, mode):
+    image = start_image if mode == "i2v" else None
+    generator = generator_for(tiny_ti2v if source == "folder" else ti2v_files, dit_layerwise_offload=layerwise)
+    assert generator.model.spec.name == "wan2.2-ti2v"
+    ours = generate(generator, 5, image)
+    expected = reference(5, image)
+    assert ours.shape == expected.shape == (9, 64, 64, 3)
+    assert np.abs(ours - expected).max() <= 1e-4
+
+
+def test_image_to_video_keeps_the_start_frame_and_differs_from_text_to_video(tiny_ti2v, start_image):
+    """The start image conditions the video: frame 0 decodes from the pasted image latent, not from noise."""
+    generator = generator_for(tiny_ti2v)
+    t2v, i2v = generate(generator, 5), generate(generator, 5, start_image)
+    assert not np.allclose(t2v[0], i2v[0], atol=1e-3)
+    latents_a = _sampled_latents(generator, 1, start_image)
+    latents_b = _sampled_latents(generator, 2, start_image)
+    assert torch.equal(latents_a[:, :, 0], latents_b[:, :, 0])  # the image's latent, whatever the seed
+    assert not torch.equal(latents_a[:, :, 1:], latents_b[:, :, 1:])
+
+
+def _sampled_latents(generator: VideoGenerator, seed: int, image) -> torch.Tensor:
+    from video_offload.offload.config import SamplingParams
+    from video_offload.offload.pipeline.stages import encode_prompts, sample_latents
+
+    conditioning = encode_prompts(generator.manager, generator.model, generator.config, PROMPT, NEGATIVE, image)
+    params = SamplingParams(seed=seed, **SIZES)
+    return sample_latents(generator.manager, generator.model, generator.config, conditioning, params)
+
+
+def test_latent_space_is_the_wan22_vaes(tiny_ti2v, ti2v_files):
+    from video_offload.offload.families.wan.vae22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+
+    for source, spec in (open_model(tiny_ti2v), open_files({k: str(v) for k, v in ti2v_files.items()})):
+        space = spec.stages.latent_space(source)
+        assert (space.channels, space.temporal_factor, space.spatial_factor, space.patch) == (48, 4, 16, (1, 2, 2))
+        assert space.pixel_multiple == 32
+        assert space.mean == pytest.approx(WAN22_LATENTS_MEAN) and space.std == pytest.approx(WAN22_LATENTS_STD)
+
+
+def test_vae_file_is_in_comfyuis_wan22_layout_and_reads_back_exactly(tiny_ti2v, ti2v_files):
+    """The file has the key ComfyUI detects the Wan2.2 VAE by, and every tensor loads back to the folder's value."""
+    from diffusers import AutoencoderKLWan
+
+    with safe_open(str(ti2v_files["vae"]), "pt") as handle:
+        keys = set(handle.keys())
+    assert "decoder.upsamples.0.upsamples.0.residual.2.weight" in keys
+    assert "decoder.middle.0.residual.0.gamma" in keys and not any("up_blocks" in k or "resnets" in k for k in keys)
+    source, spec = open_files({k: str(v) for k, v in ti2v_files.items()})
+    loaded = source.load(spec.component("vae"), torch.float32)
+    folder = AutoencoderKLWan.from_pretrained(str(tiny_ti2v / "vae"), dtype=torch.float32)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(folder.config)
+    theirs = folder.state_dict()
+    ours = loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_vae_tiling_on_is_refused_naming_the_fix(tiny_ti2v):
+    generator = generator_for(tiny_ti2v, vae_tiling="on")
+    with pytest.raises(ConfigError, match=r"vae_tiling='?on'?: is not available for the Wan2.2 VAE .* set vae_tiling "
+                                          r"to auto"):
+        generate(generator, 5)
+
+
+def test_wrong_vae_file_is_refused(ti2v_files, tmp_path):
+    """The Wan2.1 VAE's file does not go with the TI2V DiT: the message says which file it is and which to use."""
+    from video_offload.offload.families.wan.comfy_export import export_component
+    from video_offload.offload.families.wan.tiny import SINGLE_FILE_TINY, build_tiny_wan
+    from diffusers import AutoencoderKLWan
+
+    folder = build_tiny_wan(tmp_path / "wan21", spec=SINGLE_FILE_TINY)
+    vae21 = export_component(AutoencoderKLWan.from_pretrained(str(folder / "vae")), "vae", tmp_path / "wan_2.1_vae.safetensors",
+                             "bf16")
+    with pytest.raises(ModelLoadError, match=r"Wan2.1 VAE .*wan2.2_vae"):
+        open_files({**{k: str(v) for k, v in ti2v_files.items()}, "vae": str(vae21)})
