@@ -20,17 +20,23 @@ PROMPT, NEGATIVE = "a cat turns its head", "blurry"
 
 @pytest.fixture(scope="module")
 def tiny_ti2v(tmp_path_factory):
+    """A tiny TI2V folder whose tokenizer is the sentencepiece model its text encoder's file will carry."""
+    from video_offload.offload.families.wan.comfy_export import tiny_sentencepiece_model
+    from video_offload.offload.families.wan.text import tokenizer_from_sentencepiece
     from video_offload.offload.families.wan.tiny_ti2v import build_tiny_ti2v
 
-    return build_tiny_ti2v(tmp_path_factory.mktemp("models") / "tiny-wan2.2-ti2v")
+    tokenizer = tokenizer_from_sentencepiece(tiny_sentencepiece_model())
+    return build_tiny_ti2v(tmp_path_factory.mktemp("models") / "tiny-wan2.2-ti2v", tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
 def ti2v_files(tiny_ti2v, tmp_path_factory):
+    """``wan2.2_ti2v_5B_fp16``, ``wan2.2_vae`` and ``umt5_xxl_fp16`` (tokenizer inside) of the tiny folder."""
+    from video_offload.offload.families.wan.comfy_export import tiny_sentencepiece_model
     from video_offload.offload.families.wan.tiny_ti2v import export_ti2v_single_files
 
-    paths = export_ti2v_single_files(tiny_ti2v, tmp_path_factory.mktemp("ti2v-files"))
-    return {"dit": paths["dit"], "vae": paths["vae"], "text_encoder": tiny_ti2v}
+    return export_ti2v_single_files(tiny_ti2v, tmp_path_factory.mktemp("ti2v-files"),
+                                    spiece_model=tiny_sentencepiece_model())
 
 
 @pytest.fixture(scope="module")

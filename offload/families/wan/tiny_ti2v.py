@@ -21,7 +21,7 @@ from .vae22 import WAN22_VAE
 COMFY_ORG_TI2V_NAMES = {
     "dit": ("diffusion_models", "wan2.2_ti2v_5B_fp16.safetensors"),
     "vae": ("vae", "wan2.2_vae.safetensors"),
-    "text_encoder": ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+    "text_encoder": ("text_encoders", "umt5_xxl_fp16.safetensors"),
 }
 """Where ComfyUI's TI2V-5B template finds each file, as Comfy-Org names them."""
 
@@ -89,7 +89,8 @@ def build_tiny_ti2v(path: str | Path, seed: int = 0, spec: TinyTi2vSpec = TinyTi
 def export_ti2v_single_files(folder: str | Path, out_dir: str | Path, *, spiece_model: bytes | None = None,
                              comfy_folders: bool = False) -> dict[str, Path]:
     """Write a TI2V folder's DiT and VAE as Comfy-Org's fp16 files (and, given the tokenizer's sentencepiece model,
-    the text encoder as scaled fp8 with it inside); returns the paths by loader argument (``dit``, ``vae``,
+    the text encoder as ``umt5_xxl_fp16`` with it inside: a folder built with that tokenizer,
+    ``text.tokenizer_from_sentencepiece``, then has exactly the files' numbers and tokens); returns the paths by loader argument (``dit``, ``vae``,
     ``text_encoder``). ``comfy_folders`` puts them under ``diffusion_models/``, ``vae/``, ``text_encoders/`` as a
     ComfyUI ``models`` folder holds them."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -117,6 +118,6 @@ def export_ti2v_single_files(folder: str | Path, out_dir: str | Path, *, spiece_
                                      layout_items(named, lambda n: native_key(n, res_blocks), "fp16", set()))
     if spiece_model is not None:
         encoder = UMT5EncoderModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.float32)
-        paths["text_encoder"] = export_component(encoder, "text_encoder", target("text_encoder"), "fp8_scaled",
+        paths["text_encoder"] = export_component(encoder, "text_encoder", target("text_encoder"), "fp16",
                                                  spiece_model=spiece_model)
     return paths
