@@ -30,7 +30,7 @@ from ...core.spec import NotThisFile, lazy_classes
 from ...distributed.sampling import sample_in_workers
 from ...errors import ConfigError
 from .config_checks import check_wan_configs, wan_memory_model
-from .files import HEAD_WIDTH, Tensors, Umt5Format, dit_config, size_label
+from .files import DIT_KINDS, HEAD_WIDTH, NOT_YET, Tensors, Umt5Format, dit_config, size_label
 from .parallelize import parallelize_wan
 from .shapes import WAN_SCHEDULER
 from .spec import SINGLE_FILES_T2V, TEXT_ENCODER, TOKENIZER, VAE, WanStages
@@ -64,7 +64,13 @@ class Ti2vDitFormat:
     def recognise(self, tensors: Tensors) -> FileLayout:
         config, names = dit_config(tensors)
         if config["in_channels"] != TI2V_CHANNELS or config["out_channels"] != TI2V_CHANNELS:
-            raise NotThisFile(f"it takes {config['in_channels']} and gives {config['out_channels']} latent channels, "
+            # Say what the file is when Wan's other kinds know it (the registry reports the first reason it gets).
+            for matches, what in NOT_YET:
+                if matches(config):
+                    raise NotThisFile(f"it is {what}")
+            kind = next((k for k in DIT_KINDS if k.matches(config)), None)
+            raise NotThisFile(f"it is a {kind.name} DiT" if kind is not None else
+                              f"it takes {config['in_channels']} and gives {config['out_channels']} latent channels, "
                               f"not TI2V-5B's {TI2V_CHANNELS}")
         if config["image_dim"] is not None:
             raise NotThisFile("it has a CLIP image embedder, which TI2V-5B has not")
