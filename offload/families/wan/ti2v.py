@@ -12,6 +12,9 @@ What differs from Wan2.1, as diffusers runs it (``WanPipeline`` / ``WanImageToVi
   timestep 0, and it is pasted again into the final latents before decoding.
 - no image encoder, no CLIP features.
 
+Sequence parallelism needs nothing more: diffusers' context-parallel plan for ``WanTransformer3DModel`` splits a
+per-token ``timestep`` over the ranks with the tokens.
+
 The Wan2.2 VAE is not covered by the exact tiled VAE (``vae_tiling``, written for the Wan2.1 VAE's structure):
 ``auto`` runs it untiled and ``on`` is refused with the fix.
 """
@@ -193,9 +196,6 @@ class Ti2vStages(WanStages):
 
         check_vae_tiling(tiling)
         return decode_latents(vae, latents, space, device, "off", available_bytes)
-
-    def sequence_parallel_heads(self, dit_config: dict) -> int | None:
-        return None  # per-token timesteps are not split over sequence-parallel ranks
 
 
 STAGES = Ti2vStages()
