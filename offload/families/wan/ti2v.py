@@ -35,12 +35,15 @@ from ...errors import ConfigError
 from .config_checks import check_wan_configs, wan_memory_model
 from .files import DIT_KINDS, HEAD_WIDTH, NOT_YET, Tensors, Umt5Format, dit_config, size_label
 from .parallelize import parallelize_wan
-from .shapes import WAN_SCHEDULER
+from .shapes import WAN_DIT_COMMON, WAN_SCHEDULER
 from .spec import SINGLE_FILES_T2V, TEXT_ENCODER, TOKENIZER, VAE, WanStages
 from .vae22 import Wan22VaeFormat
 
 TI2V_CHANNELS = 48
 """Latent channels of the Wan2.2 VAE, and the TI2V DiT's input and output channels."""
+TI2V_5B_DIT = dict(WAN_DIT_COMMON, in_channels=TI2V_CHANNELS, out_channels=TI2V_CHANNELS, num_attention_heads=24,
+                   ffn_dim=14336, num_layers=30)
+"""``WanTransformer3DModel`` arguments of the TI2V-5B DiT (dim 3072, 5.0B parameters), for benchmarks."""
 TI2V_FLOW_SHIFT = 5.0
 """The TI2V-5B Diffusers folder's scheduler shift (diffusers' converter); single files carry no scheduler."""
 
