@@ -187,3 +187,35 @@ def test_on_a_gpu_layerwise_equals_resident_bit_for_bit_and_diffusers(tmp_path_f
     expected = pipe(*args, prompt=PROMPT, negative_prompt=NEGATIVE, output_type="np",
                     generator=torch.Generator("cpu").manual_seed(3), **sizes).frames[0]
     assert np.abs(frames["float32", False] - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["t2v", "i2v"])
+def test_per_token_timesteps_and_latents_equal_diffusers_bit_for_bit(tiny_ti2v, start_image, mode):
+    """The DiT gets one timestep per token (the per-token path diffusers takes with expand_timesteps, which differs
+    from the scalar path by ~1e-6): all t in text-to-video, 0 on the start frame's tokens in image-to-video; the
+    sampled latents (frame 0 pasted back) are diffusers' bit for bit."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    image = start_image if mode == "i2v" else None
+    generator = generator_for(tiny_ti2v, dit_layerwise_offload=False)
+    seen = []
+    dit = generator.manager.component(generator.model, "transformer")
+    hook = dit.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["timestep"].clone()),
+                                         with_kwargs=True)
+    try:
+        ours = _sampled_latents(generator, 6, image)
+    finally:
+        hook.remove()
+    tokens_per_frame = (64 // 16 // 2) ** 2
+    assert len(seen) == 2 * SIZES["num_inference_steps"]  # cfg > 1: two passes per step
+    for timestep in seen:
+        assert timestep.shape == (1, 3 * tokens_per_frame) and timestep.dtype == torch.float32
+        t = timestep[0, -1]
+        assert t > 0 and torch.all(timestep[0, tokens_per_frame:] == t)
+        assert torch.all(timestep[0, :tokens_per_frame] == (0 if image is not None else t))
+    pipe = (WanPipeline if image is None else WanImageToVideoPipeline).from_pretrained(tiny_ti2v, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    args = () if image is None else (image,)
+    expected = pipe(*args, prompt=PROMPT, negative_prompt=NEGATIVE, output_type="latent",
+                    generator=torch.Generator("cpu").manual_seed(6), **SIZES).frames
+    assert torch.equal(ours, expected)
