@@ -1,7 +1,8 @@
 """Wan2.2 TI2V-5B: text-to-video and image-to-video through the same model give the frames of diffusers'
 ``WanPipeline`` and ``WanImageToVideoPipeline`` (``expand_timesteps=True``) on a tiny model - from its Diffusers
 folder and from Comfy-Org's single files (``wan2.2_ti2v_5B_fp16`` + ``wan2.2_vae``), streamed layer by layer or
-resident; the Wan2.2 VAE's file layout reads back as written; misuse is refused naming the field and the fix."""
+resident; the Wan2.2 VAE's file layout reads back as written, its tiled encode/decode stays exact, and a wrong VAE
+file is refused by name."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from video_offload import VideoGenerator
-from video_offload.offload import ConfigError, ModelLoadError, OffloadManager
+from video_offload.offload import ModelLoadError, OffloadManager
 from video_offload.offload.families import open_files, open_model
 
 SIZES = dict(height=64, width=64, num_frames=9, num_inference_steps=3, guidance_scale=4.0)
@@ -138,11 +139,23 @@ def test_vae_file_is_in_comfyuis_wan22_layout_and_reads_back_exactly(tiny_ti2v, 
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
 
-def test_vae_tiling_on_is_refused_naming_the_fix(tiny_ti2v):
-    generator = generator_for(tiny_ti2v, vae_tiling="on")
-    with pytest.raises(ConfigError, match=r"vae_tiling='?on'?: is not available for the Wan2.2 VAE .* set vae_tiling "
-                                          r"to auto"):
-        generate(generator, 5)
+def test_tiled_vae_encode_and_decode_through_the_pipeline_stay_exact(tiny_ti2v, start_image, caplog):
+    """vae_tiling=on runs the start frame's encode and the decode of the Wan2.2 VAE in exact spatial tiles: the video
+    is the untiled one within 1e-5 (the bound is 1/255)."""
+    import logging
+
+    frames = {}
+    sizes = dict(SIZES, width=128)
+    for mode in ("off", "on"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="video_offload"):
+            generator = generator_for(tiny_ti2v, vae_tiling=mode)
+            frames[mode] = generator.generate_video(PROMPT, NEGATIVE, image=start_image, seed=5, save_video=False,
+                                                    **sizes)
+        tiled = [r.getMessage() for r in caplog.records if "tiles (vae_tiling=" in r.getMessage()]
+        assert (mode == "on") == (len(tiled) == 2), tiled  # the start-frame encode and the decode, both tiled
+    assert frames["on"].shape == frames["off"].shape == (9, 64, 128, 3)
+    assert float(abs(frames["on"] - frames["off"]).max()) <= 1e-5
 
 
 def test_wrong_vae_file_is_refused(ti2v_files, tmp_path):

@@ -170,17 +170,3 @@ def test_comfyuis_native_wan22_vae_decodes_the_packs_latent_from_the_packs_vae_f
     (frames,) = pack.NODE_CLASS_MAPPINGS["VideoOffloadDecodeVAE"]().decode(model, latent)
     assert frames.shape == native_frames.shape == (9, 64, 64, 3)
     assert (frames - native_frames).abs().max() <= 1e-4
-
-
-def test_vae_tiling_on_is_refused_by_the_nodes_before_sampling(env):
-    """Offload Settings' vae_tiling=on cannot be honoured for the Wan2.2 VAE: Sample refuses it before any step and
-    Decode VAE before any decode, naming the field, the value and the fix."""
-    prompt = workflow("folder", False)
-    results = execute({k: prompt[k] for k in ("1", "2")}, env["mappings"])
-    nodes = env["pack"].NODE_CLASS_MAPPINGS
-    (tiled,) = nodes["VideoOffloadSettings"]().configure(results["1"][0], vae_tiling="on")
-    error = r"vae_tiling='?on'?: is not available for the Wan2.2 VAE .*set vae_tiling to auto"
-    with pytest.raises(env["pack"].offload.ConfigError, match=error):
-        nodes["VideoOffloadSample"]().sample(tiled, results["2"][0], **SAMPLE)
-    with pytest.raises(env["pack"].offload.ConfigError, match=error):
-        nodes["VideoOffloadDecodeVAE"]().decode(tiled, {"samples": torch.zeros(1, 48, 1, 2, 2)})

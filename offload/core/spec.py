@@ -297,11 +297,9 @@ class FamilyStages(Protocol):
         """The DiT's modules that act on each token independently (feed-forward networks), with the sequence on
         dim 1 of their input and output: they may run over chunks of the sequence with the same result."""
 
-    # Optional steps (looked up with getattr; a family without them gets the behaviour described):
-    #   check_config(source, config) -> None: refuse offload options the model cannot honour, before any work
-    #       (without it: every option is accepted).
+    # Optional step (looked up with getattr; a family without it keeps the denoising loop's latents unchanged):
     #   finish_latents(latents, conditioning) -> latents: the sampled latents as the pipeline returns them, e.g. the
-    #       start frame pasted back in (without it: the denoising loop's latents unchanged).
+    #       start frame pasted back in (Wan2.2 TI2V-5B).
 
 
 @dataclass(frozen=True)

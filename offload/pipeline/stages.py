@@ -215,7 +215,6 @@ def sample_latents(
 ) -> torch.Tensor:
     """Denoise from the seed's noise; return the normalised latents ``[1, C, T, H/s, W/s]``, float32, on the CPU."""
     check_params_for_model(model, params)
-    _check_config_for_model(model, config)
     check_job_memory(manager, model, config, params)
     if model.spec.image_to_video and conditioning.image is None:
         raise ConfigError(
@@ -259,13 +258,6 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
     return _finish_latents(model, latents, conditioning)
 
 
-def _check_config_for_model(model: LoadedModel, config: OffloadConfig) -> None:
-    """The family's refusal of options its model cannot honour (``FamilyStages`` optional ``check_config``)."""
-    check = getattr(model.spec.stages, "check_config", None)
-    if check is not None:
-        check(model.source, config)
-
-
 def _finish_latents(model: LoadedModel, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
     """The family's last touch on sampled latents (``FamilyStages`` optional ``finish_latents``)."""
     finish = getattr(model.spec.stages, "finish_latents", None)
@@ -304,7 +296,6 @@ def prepare_image_condition(
     """Image-to-video: VAE-encode the start frame for this video's size (``sample_latents`` does it when needed;
     callers that want it as a stage of its own - timing, or a separate node - call this first)."""
     check_params_for_model(model, params)
-    _check_config_for_model(model, config)
     return _with_auto_offload(manager, model, config, lambda c: _with_image_condition(manager, model, c, conditioning, params))
 
 
@@ -330,7 +321,6 @@ def decode_video(manager: OffloadManager, model: LoadedModel, config: OffloadCon
     Decode lays out a batch of video latents), never only the first."""
     latents = check_latents(model, latents)
     space = latent_space(model)
-    _check_config_for_model(model, config)
     check_decode_memory(manager, model, latents, tiled=config.vae_tiling != "off")
 
     def decode(config: OffloadConfig) -> torch.Tensor:

@@ -15,8 +15,8 @@ What differs from Wan2.1, as diffusers runs it (``WanPipeline`` / ``WanImageToVi
 Sequence parallelism needs nothing more: diffusers' context-parallel plan for ``WanTransformer3DModel`` splits a
 per-token ``timestep`` over the ranks with the tokens.
 
-The Wan2.2 VAE is not covered by the exact tiled VAE (``vae_tiling``, written for the Wan2.1 VAE's structure):
-``auto`` runs it untiled and ``on`` is refused with the fix.
+Decoding (and the start frame's encode) goes through the family's exact tiled VAE (``vae_tiling``), which covers the
+Wan2.2 VAE's structure (patchify, the ``AvgDown3D``/``DupUp3D`` shortcuts) as well as the Wan2.1 VAE's.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...config import OffloadConfig, SamplingParams
+from ...config import SamplingParams
 from ...core.denoise import Branch, Conditioning
-from ...core.spec import ComponentSpec, DefaultConfig, FileLayout, LatentSpace, ModelSource, ModelSpec, Role
+from ...core.spec import ComponentSpec, DefaultConfig, FileLayout, LatentSpace, ModelSpec, Role
 from ...core.spec import NotThisFile, lazy_classes
 from ...distributed.sampling import sample_in_workers
-from ...errors import ConfigError
 from .config_checks import check_wan_configs, wan_memory_model
 from .files import DIT_KINDS, HEAD_WIDTH, NOT_YET, Tensors, Umt5Format, dit_config, size_label
 from .parallelize import parallelize_wan
@@ -152,35 +151,31 @@ class Ti2vNoisePredictor:
         )[0]
 
 
-def check_vae_tiling(tiling: str) -> None:
-    if tiling == "on":
-        raise ConfigError(
-            "vae_tiling", tiling, "is not available for the Wan2.2 VAE (TI2V-5B): the exact tiled VAE covers the "
-            "Wan2.1 VAE only", "set vae_tiling to auto (runs this VAE untiled) or off",
-        )
-
-
 class Ti2vStages(WanStages):
     """TI2V-5B's steps, numerically identical to diffusers' ``WanPipeline`` (text only) and
     ``WanImageToVideoPipeline`` (a start image) with ``expand_timesteps=True``."""
 
-    def check_config(self, source: ModelSource, config: OffloadConfig) -> None:
-        """Refuse options this model cannot honour before any work starts."""
-        check_vae_tiling(config.vae_tiling)
-
     def image_condition(self, vae: nn.Module, image: Any, params: SamplingParams, space: LatentSpace, device: torch.device,
                         tiling: str = "off", available_bytes: int | None = None) -> torch.Tensor:
-        """``[1, 48, 1, h, w]`` float32: the normalised latent of the start frame alone."""
+        """``[1, 48, 1, h, w]`` float32: the normalised latent of the start frame alone (in exact spatial tiles when
+        ``tiling`` asks, ``tiling_policy``)."""
         from diffusers.video_processor import VideoProcessor
 
-        check_vae_tiling(tiling)
+        from .tiling_policy import encode_grid
+
         pixels = VideoProcessor(vae_scale_factor=space.spatial_factor).preprocess(image, height=params.height,
                                                                                   width=params.width)
         pixels = pixels.to(dtype=torch.float32).unsqueeze(2)
         dtype = next(vae.parameters()).dtype
+        grid = encode_grid(vae, tuple(pixels.shape), tiling, available_bytes)
         with torch.no_grad():
-            latent = vae.encode(pixels.to(device, dtype)).latent_dist.mode().to(torch.float32)
-        return space.from_raw(latent).cpu()
+            if grid is None:
+                latent = vae.encode(pixels.to(device, dtype)).latent_dist.mode()
+            else:
+                from .vae_tiling import encode_tiled
+
+                latent = encode_tiled(vae, pixels.to(dtype), grid, device=device).mode()
+        return space.from_raw(latent.to(torch.float32)).cpu()
 
     def noise_predictor(self, dit: nn.Module, conditioning: Conditioning, device: torch.device, dtype: torch.dtype):
         return Ti2vNoisePredictor(dit, conditioning, device, dtype)
@@ -192,13 +187,6 @@ class Ti2vStages(WanStages):
             return latents
         condition = conditioning.image_condition.to(latents.device, torch.float32)
         return paste_first_frame(latents, condition, first_frame_mask(tuple(latents.shape), True, latents.device))
-
-    def decode(self, vae: nn.Module, latents: torch.Tensor, space: LatentSpace, device: torch.device,
-               tiling: str = "off", available_bytes: int | None = None) -> torch.Tensor:
-        from .decode import decode_latents
-
-        check_vae_tiling(tiling)
-        return decode_latents(vae, latents, space, device, "off", available_bytes)
 
 
 STAGES = Ti2vStages()
