@@ -65,6 +65,7 @@ from video_offload.offload.core.weight_patches import (  # noqa: E402
 from video_offload.offload.families.wan.comfy_export import export_transformer_folder  # noqa: E402
 from video_offload.offload.families.wan.files import WanDitFormat  # noqa: E402
 from video_offload.offload.families.wan.shapes import WAN_DIT, WAN_DIT_COMMON  # noqa: E402
+from video_offload.offload.families.wan.ti2v import TI2V_5B_DIT, TI2V_CHANNELS  # noqa: E402
 from video_offload.offload.weights.safetensors_file import read_header  # noqa: E402
 from video_offload.offload.weights.streaming import layerwise_from_file, layerwise_from_pretrained  # noqa: E402
 from video_offload.offload.weights.tensor_source import WEIGHTS_INDEX_NAME, folder_weight_files, load_whole  # noqa: E402
@@ -73,11 +74,13 @@ GiB = 2**30
 
 CONFIGS = {
     **WAN_DIT,
+    "ti2v-5B": TI2V_5B_DIT,
     # Heads of 128, as every Wan DiT: a single file says its width, not its head count (ComfyUI reads width / 128).
     "tiny": dict(WAN_DIT_COMMON, num_attention_heads=2, attention_head_dim=128, text_dim=32, ffn_dim=64, num_layers=6),
 }
 A14B_CONFIGS = {"a14b": "14B", "a14b-tiny": "tiny"}
 """Two experts of the named shape (random weights, the low-noise expert from another seed): bench/layerwise_a14b.py."""
+CONFIGS["tiny-ti2v"] = dict(CONFIGS["tiny"], in_channels=TI2V_CHANNELS, out_channels=TI2V_CHANNELS)
 MODES = ("resident", "ours_stream", "ours_auto", "diffusers_group")
 FP8_MODES = ("resident_fp8_widened", "ours_fp8_stream", "ours_fp8_auto")
 LORA_MODES = ("resident_lora", "ours_stream_lora", "ours_fp8_stream_lora")
@@ -403,11 +406,13 @@ def add_lora(setup: Setup, rank: int, dtype: torch.dtype) -> Setup:
 def make_inputs(config: dict, frames: int, height: int, width: int, text_tokens: int, device, dtype):
     gen = torch.Generator().manual_seed(1234)
     latent_frames = (frames - 1) // 4 + 1
-    x = torch.randn(1, config["in_channels"], latent_frames, height // 8, width // 8, generator=gen).to(device, dtype)
+    ti2v = config["in_channels"] == TI2V_CHANNELS  # Wan2.2 VAE latents (16x spatial), one timestep per token
+    s = 16 if ti2v else 8
+    x = torch.randn(1, config["in_channels"], latent_frames, height // s, width // s, generator=gen).to(device, dtype)
     text = torch.randn(1, text_tokens, config["text_dim"], generator=gen).to(device, dtype)
-    timestep = torch.tensor([999.0], device=device)
     p_t, p_h, p_w = config["patch_size"]
-    tokens = (latent_frames // p_t) * (height // 8 // p_h) * (width // 8 // p_w)
+    tokens = (latent_frames // p_t) * (height // s // p_h) * (width // s // p_w)
+    timestep = torch.full((1, tokens), 999.0, device=device) if ti2v else torch.tensor([999.0], device=device)
     return (x, timestep, text), latent_frames, tokens
 
 

@@ -9,6 +9,7 @@ untiled pass, the max abs difference of the frames in 0..1 (decode) or of the la
 
     python bench/vae.py                 # 480p81 and 720p81 (about 2 minutes on an H200)
     python bench/vae.py --tiny          # seconds, on the CPU: the same code on a tiny VAE
+    python bench/vae.py --vae wan2.2    # the Wan2.2 VAE (TI2V-5B) at its 1280x704x121, start-frame encode alone
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ import torch
 from video_offload.offload.families.wan import vae_tiling as tv  # noqa: E402
 from video_offload.offload.families.wan.shapes import WAN_VAE  # noqa: E402
 from video_offload.offload.families.wan.tiling_policy import GPU_ALLOWANCE, decode_grid, encode_grid  # noqa: E402
+from video_offload.offload.families.wan.vae22 import WAN22_VAE  # noqa: E402
 
 GiB = 2**30
 SIZES = {"480p81": ((1, 16, 21, 60, 104), 2.5), "720p81": ((1, 16, 21, 90, 160), 4.0)}
 """latent shape, issue 10's decode peak target in GiB"""
 TINY = dict(WAN_VAE, base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+SIZES_22 = {"704p121": ((1, 48, 31, 44, 80), 8.0)}
+"""The Wan2.2 VAE (TI2V-5B's default 1280x704x121): a budget to report against, not an issue target (the VAE alone
+is 2.6 GiB in fp32)."""
+TINY_22 = dict(WAN22_VAE, base_dim=8, decoder_base_dim=12, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+VAES = {"wan2.1": (WAN_VAE, TINY, SIZES, (1, 16, 3, 12, 20)), "wan2.2": (WAN22_VAE, TINY_22, SIZES_22, (1, 48, 3, 6, 10))}
 
 
 def emit(row: dict, out_path: str | None) -> None:
@@ -55,7 +62,8 @@ def measure(fn, device):
 @torch.no_grad()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
+    parser.add_argument("--vae", choices=list(VAES), default="wan2.1")
+    parser.add_argument("--sizes", nargs="+", default=None, help="default: every size of the VAE")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None, help="also append rows here (default: $OUT/vae.jsonl)")
     args = parser.parse_args()
@@ -64,15 +72,17 @@ def main() -> int:
     out_path = args.out or (os.path.join(os.environ["OUT"], "vae.jsonl") if os.environ.get("OUT") else None)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(**(TINY if args.tiny else WAN_VAE)).eval().to(device)
+    config, tiny, sizes, tiny_shape = VAES[args.vae]
+    vae = AutoencoderKLWan(**(tiny if args.tiny else config)).eval().to(device)
+    spatial = vae.config.scale_factor_spatial
     weights = sum(p.numel() * p.element_size() for p in vae.parameters())
-    emit(dict(bench="vae", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    emit(dict(bench="vae", vae=args.vae, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               torch=torch.__version__, tf32_convs=torch.backends.cudnn.allow_tf32, vae_weight_gib=weights / GiB),
          out_path)
-    for name in args.sizes:
-        shape, target = SIZES[name]
+    for name in args.sizes or list(sizes):
+        shape, target = sizes[name]
         if args.tiny:
-            shape = (1, 16, 3, 12, 20)
+            shape = tiny_shape
         z = torch.randn(shape, device=device)
         reference, t_ref, p_ref = measure(lambda: vae.decode(z).sample.cpu(), device)
         emit(dict(size=name, stage="decode", mode="untiled", peak_gib=round(p_ref / GiB, 3), seconds=round(t_ref, 3)),
@@ -89,10 +99,10 @@ def main() -> int:
                       max_abs_diff_0_1=float(((out.float() - reference.float()) * 0.5).abs().max())), out_path)
             del out
         del reference
-        if name == "480p81":  # the image-to-video start-frame encode: the image, then zeros
-            frames = (shape[2] - 1) * 4 + 1
-            video = torch.zeros(1, 3, frames, shape[3] * 8, shape[4] * 8)
-            video[:, :, 0] = torch.rand(3, shape[3] * 8, shape[4] * 8) * 2 - 1
+        if name in ("480p81", "704p121"):  # the start-frame encode: the image, then zeros (Wan2.2: the image alone)
+            frames = (shape[2] - 1) * 4 + 1 if args.vae == "wan2.1" else 1
+            video = torch.zeros(1, 3, frames, shape[3] * spatial, shape[4] * spatial)
+            video[:, :, 0] = torch.rand(3, shape[3] * spatial, shape[4] * spatial) * 2 - 1
             ref_e, t_e, p_e = measure(lambda: vae.encode(video.to(device)).latent_dist.mode().cpu(), device)
             emit(dict(size=name, stage="encode", mode="untiled", peak_gib=round(p_e / GiB, 3), seconds=round(t_e, 3)),
                  out_path)

@@ -30,7 +30,8 @@ class EncodePrompt:
             },
             "optional": {
                 "image": ("IMAGE", {"tooltip":
-                    "Image-to-video models only: the start frame (the first image of the batch is used)."}),
+                    "Image-to-video models: the start frame (the first image of the batch is used). Required by I2V "
+                    "models, optional for Wan2.2 TI2V-5B (connected: image-to-video; not: text-to-video)."}),
             },
         }
 

@@ -102,7 +102,8 @@ class LoadVAE(_ComponentLoader):
     ARGUMENT, WIDGET, EXAMPLE = "vae", "vae_name", "wan_2.1_vae.safetensors"
     RETURN_TYPES = (COMPONENT_TYPES["vae"],)
     RETURN_NAMES = ("vae",)
-    DESCRIPTION = "Pick the Wan2.1 VAE from ComfyUI/models/vae."
+    DESCRIPTION = ("Pick the Wan VAE from ComfyUI/models/vae: wan_2.1_vae for Wan2.1 (and Wan2.2 A14B), wan2.2_vae for "
+                   "Wan2.2 TI2V-5B.")
 
 
 class LoadImageEncoder(_ComponentLoader):

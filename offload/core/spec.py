@@ -307,6 +307,10 @@ class FamilyStages(Protocol):
         slices of ``max_tokens`` tokens, attention whole (None: the blocks' own forward). False when the family
         has no such forward: then only :meth:`tokenwise_modules` are chunked."""
 
+    # Optional step (looked up with getattr; a family without it keeps the denoising loop's latents unchanged):
+    #   finish_latents(latents, conditioning) -> latents: the sampled latents as the pipeline returns them, e.g. the
+    #       start frame pasted back in (Wan2.2 TI2V-5B).
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -322,6 +326,8 @@ class ModelSpec:
     module: str
     """``__name__`` of the module defining the spec; workers import it to find the spec again."""
     image_to_video: bool = False
+    optional_image: bool = False
+    """Takes a start image or not, both through the same model (Wan2.2 TI2V-5B); ``image_to_video`` requires one."""
     parallelize: Callable[..., Any] | None = None
     """``parallelize(model, plan, device, *, cpu_offload, pin_memory)`` for FSDP workers; None: no worker group."""
     worker_methods: Mapping[str, Callable[..., Any]] = field(default_factory=dict)

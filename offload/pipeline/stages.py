@@ -199,6 +199,8 @@ def _encode(manager, model: LoadedModel, config: OffloadConfig, prompt, negative
 
 
 def _check_image_for_model(model: LoadedModel, image: Any):
+    if model.spec.optional_image:
+        return None if image is None else model.spec.stages.prepare_image(image)
     if model.spec.image_to_video:
         if image is None:
             raise ConfigError(
@@ -254,7 +256,8 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
         group = manager.worker_group(model, WorkerGroup.key_for(model, config), lambda: WorkerGroup.start(model, config))
         check_sequence_split(group.plan, space, tuple(noise.shape))
         payload = sample_payload(conditioning, params, (scheduler_class, scheduler_config), noise)
-        return group.call("sample", payload, observer, total_steps=params.num_inference_steps)["latents"]
+        latents = group.call("sample", payload, observer, total_steps=params.num_inference_steps)["latents"]
+        return _finish_latents(model, latents, conditioning)
     stages = model.spec.stages
     dits = model.dit_names
     num_train = int(scheduler.config.get("num_train_timesteps", 1000))
@@ -281,7 +284,14 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
                 manager.prefetch_next_dit(model, name, following, forwards)
             return guided_prediction(predictors[name], latents, timestep, scale, guided)
 
-        return denoise(predict, scheduler, params, noise, manager.device, observer)
+        latents = denoise(predict, scheduler, params, noise, manager.device, observer)
+    return _finish_latents(model, latents, conditioning)
+
+
+def _finish_latents(model: LoadedModel, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    """The family's last touch on sampled latents (``FamilyStages`` optional ``finish_latents``)."""
+    finish = getattr(model.spec.stages, "finish_latents", None)
+    return latents if finish is None else finish(latents, conditioning)
 
 
 def check_sequence_split(plan: Any, space: LatentSpace, latent_shape: tuple[int, ...]) -> None:

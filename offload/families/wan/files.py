@@ -98,7 +98,7 @@ NOT_YET = (
      "a Wan2.2 I2V A14B expert (36 input channels, no CLIP image embedder): give it as dit with its low-noise "
      "expert as dit_2 (or the low-noise one as dit_2 with its high-noise expert as dit)"),
     (lambda c: c["in_channels"] == 48,
-     "a Wan2.2 TI2V-5B DiT (48 latent channels); Wan2.2 is not supported yet"),
+     "a Wan2.2 TI2V-5B DiT (48 latent channels), read by the TI2V spec (families/wan/ti2v.py)"),
 )
 
 
@@ -221,8 +221,8 @@ class WanVaeFormat:
         if "decoder.middle.0.residual.0.gamma" not in tensors:
             raise NotThisFile(what_is(tensors) or "it has no decoder.middle.0.residual.0.gamma, so it is not a Wan VAE")
         if "decoder.upsamples.0.upsamples.0.residual.2.weight" in tensors:
-            raise NotThisFile("it is the Wan2.2 VAE (48 latent channels, wan2.2_vae.safetensors); Wan2.2 is not "
-                              "supported yet")
+            raise NotThisFile("it is the Wan2.2 VAE (48 latent channels, wan2.2_vae.safetensors), which goes with "
+                              "the Wan2.2 TI2V-5B DiT only")
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
         names = converted_names(convert_wan_vae_to_diffusers, tensors)
