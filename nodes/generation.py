@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..offload.config import SamplingParams, validate_prompt
+from ..offload.config import SAMPLERS, SamplingParams, validate_prompt
 from ..offload.errors import ConfigError
 from ..offload.pipeline.stages import encode_prompts, sample_latents
 from ._host import NodeStepObserver
@@ -85,6 +85,10 @@ class Sample:
                 "boundary_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.005, "tooltip":
                     "Wan2.2 A14B only: the high-noise expert runs while the timestep is at least this x 1000, the "
                     "low-noise one after. 0 keeps the model's (0.875 T2V, 0.9 I2V)."}),
+                "sampler": (list(SAMPLERS), {"default": "model", "tooltip":
+                    "model: the model's own scheduler (UniPC, second order: best at 20-50 steps). euler: first-order "
+                    "steps on the same timesteps, what 4-step distilled LoRAs (lightx2v) and ComfyUI's Wan2.2 "
+                    "templates use."}),
             },
         }
 
@@ -103,12 +107,13 @@ class Sample:
                                              flow_shift=flow_shift))
 
     def sample(self, model: ModelHandle, conditioning, width, height, num_frames, steps, cfg, flow_shift, seed,
-               cfg_2=None, boundary_ratio=None):
+               cfg_2=None, boundary_ratio=None, sampler="model"):
         try:
             params = SamplingParams(
                 height=height, width=width, num_frames=num_frames, num_inference_steps=steps,
                 guidance_scale=cfg, flow_shift=None if flow_shift == 0 else flow_shift, seed=seed,
                 guidance_scale_2=None if not cfg_2 else cfg_2, boundary_ratio=None if not boundary_ratio else boundary_ratio,
+                sampler=sampler,
             )
         except ConfigError as e:
             raise e.renamed(WIDGET_NAMES.get(e.field, e.field)) from None

@@ -312,6 +312,10 @@ def _require_float(name: str, value: Any, low: float, high: float, fix: str) -> 
     return value
 
 
+SAMPLERS = ("model", "euler")
+"""What ``SamplingParams.sampler`` accepts."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """One video's size, schedule and seed. Generic bounds here; the model's latent geometry (multiples, frame
@@ -338,6 +342,10 @@ class SamplingParams:
     """Noise-schedule shift; None keeps the model folder's value (3.0 suits 480p, 5.0 suits 720p)."""
     seed: int = 0
     """Initial noise comes from a CPU generator seeded with this, so a seed is the same video on any device."""
+    sampler: str = "model"
+    """``model``: the model's own scheduler (UniPC, second order, for the Wan folders). ``euler``: first-order
+    steps on the same timesteps - what step-distilled LoRAs such as lightx2v's 4-step ones are trained for, and what
+    ComfyUI's Wan2.2 templates run (``euler``, ``simple``)."""
 
     def __post_init__(self) -> None:
         # Checked values are stored as plain Python numbers (numpy scalars from a caller's own code are accepted).
@@ -361,6 +369,10 @@ class SamplingParams:
         if self.flow_shift is not None:
             put("flow_shift", _require_float("flow_shift", self.flow_shift, 0.01, 100.0, "use 3.0 for 480p or 5.0 for 720p"))
         put("seed", _require_int("seed", self.seed, 0, 2**64 - 1, "use a whole number from 0 to 2**64-1"))
+        if self.sampler not in SAMPLERS:
+            raise ConfigError("sampler", self.sampler, f"is not one of {', '.join(SAMPLERS)}",
+                              "use 'model' (the model's own scheduler) or 'euler' (first-order steps, for 4-step "
+                              "distilled LoRAs)")
 
     @property
     def uses_guidance(self) -> bool:

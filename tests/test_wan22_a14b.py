@@ -442,3 +442,58 @@ def test_the_command_line_takes_both_experts(a14b_files, tmp_path):
                  "--num-frames", "5", "--num-inference-steps", "2", "--guidance-scale-2", "2.5", "--boundary-ratio",
                  "0.8", "--precision", "float32", "--device", "cpu", "--output-path", str(out)])
     assert code == 0 and out.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------------ sampler
+
+
+def test_the_euler_sampler_takes_first_order_steps_on_the_models_timesteps():
+    """``sampler="euler"``: the folder's flow-matching UniPC scheduler at order 1 with no corrector takes exactly
+    Euler's step ``x + (sigma_next - sigma) * v`` on the same timesteps as the model's own (ComfyUI's ``simple``
+    schedule at the same shift: 4 steps at shift 5 are 1000, 937.5, 833.3, 625)."""
+    from video_offload.offload.core.denoise import make_scheduler
+    from video_offload.offload.families.wan.shapes import WAN_SCHEDULER
+
+    def resolve(name):
+        return UniPCMultistepScheduler
+
+    euler = make_scheduler(resolve, "UniPCMultistepScheduler", dict(WAN_SCHEDULER), 5.0, "euler")
+    own = make_scheduler(resolve, "UniPCMultistepScheduler", dict(WAN_SCHEDULER), 5.0, "model")
+    euler.set_timesteps(4)
+    own.set_timesteps(4)
+    assert torch.equal(euler.timesteps, own.timesteps) and euler.timesteps.tolist() == [999, 937, 833, 625]
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 256)
+    reference, second_order = x.clone(), x.clone()
+    for i, t in enumerate(euler.timesteps):
+        v = torch.randn(1, 16, 256)
+        x = euler.step(v, t, x).prev_sample
+        reference = reference + (euler.sigmas[i + 1] - euler.sigmas[i]) * v
+        second_order = own.step(v, t, second_order).prev_sample
+    assert torch.allclose(x, reference, atol=1e-5, rtol=0)
+    assert not torch.allclose(second_order, reference, atol=1e-3, rtol=0)  # the model's own is not Euler
+
+
+def test_euler_sampler_frames_equal_diffusers_with_the_same_scheduler(a14b, start_image, monkeypatch):
+    """The lightx2v 4-step recipe on A14B I2V (4 steps, cfg 1, shift 5, euler) equals diffusers' pipeline given the
+    first-order scheduler, streamed; and differs from the model's own sampler."""
+    sizes = dict(SIZES["i2v"], guidance_scale=1.0)
+    pipe = WanImageToVideoPipeline.from_pretrained(a14b["i2v"], dtype=torch.float32)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=5.0, solver_order=1,
+                                                         disable_corrector=list(range(1001)))
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(start_image, PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator("cpu").manual_seed(3),
+                    output_type="np", **{k: v for k, v in sizes.items() if k not in ("flow_shift", "seed")}).frames[0]
+    generator = generator_for(a14b["i2v"], dit_layerwise_offload=True)
+    got, calls = our_run(generator, "i2v", start_image, monkeypatch, sampler="euler", **sizes)
+    own, _ = our_run(generator, "i2v", start_image, monkeypatch, **sizes)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert [name for name, _ in calls] == ["transformer"] * 2 + ["transformer_2"] * 2  # cfg 1: one forward a step
+    assert np.abs(own - got).max() > 1e-3
+
+
+def test_an_unknown_sampler_is_refused_by_name():
+    from video_offload.offload.config import SamplingParams
+
+    with pytest.raises(ConfigError, match="sampler.*'dpm'.*euler"):
+        SamplingParams(sampler="dpm")

@@ -115,11 +115,19 @@ def denoise(
     return latents.to("cpu")
 
 
-def make_scheduler(resolve_class: Callable[[str], type], class_name: str, config: dict, flow_shift: float | None) -> Any:
+def make_scheduler(resolve_class: Callable[[str], type], class_name: str, config: dict, flow_shift: float | None,
+                   sampler: str = "model") -> Any:
     """A fresh scheduler from a model's config, with ``flow_shift`` overridden when given. ``resolve_class`` maps
-    the class name through the family's allow-list."""
+    the class name through the family's allow-list.
+
+    ``sampler="euler"`` on a flow-matching UniPC config keeps its timesteps and makes every step first order with no
+    corrector: UniPC's order-1 predictor in data-prediction form is the DDIM step, which for flow matching
+    (``x_t = (1 - sigma) x0 + sigma noise``) is exactly Euler's ``x + (sigma_next - sigma) v``. It stays a scheduler
+    diffusers' own pipelines accept, so their output remains the oracle."""
     cls = resolve_class(class_name)
-    overrides = {}
+    overrides: dict[str, Any] = {}
+    if sampler == "euler" and class_name == "UniPCMultistepScheduler":
+        overrides.update(solver_order=1, disable_corrector=list(range(1001)))
     if flow_shift is not None:
         if "flow_shift" in config or class_name == "UniPCMultistepScheduler":
             overrides["flow_shift"] = flow_shift

@@ -33,7 +33,8 @@ def sample_in_workers(worker: Any, payload: dict, observer: Any) -> dict:
     spec = worker.model_spec
     params = SamplingParams(**payload["params"])
     scheduler = make_scheduler(
-        spec.first(Role.SCHEDULER).resolve, payload["scheduler_class"], payload["scheduler_config"], params.flow_shift
+        spec.first(Role.SCHEDULER).resolve, payload["scheduler_class"], payload["scheduler_config"], params.flow_shift,
+        params.sampler,
     )
     conditioning = Conditioning.from_tensors(payload["conditioning"])
     predictors = {

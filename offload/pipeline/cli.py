@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import PRECISIONS, SamplingParams, option_specs
+from ..config import PRECISIONS, SAMPLERS, SamplingParams, option_specs
 from ..core.devices import resolve_device
 from ..errors import VideoOffloadError
 from .loras import LoraChoice
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         gen.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {getattr(defaults, name)}")
     gen.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
     gen.add_argument("--flow-shift", type=float, default=None, help="default: the model folder's")
+    gen.add_argument("--sampler", choices=SAMPLERS, default="model",
+                     help="model: its own scheduler (UniPC); euler: first-order steps, for 4-step distilled LoRAs")
     gen.add_argument("--guidance-scale-2", type=float, default=None,
                      help="two-expert models (Wan2.2 A14B): the low-noise expert's guidance (default: --guidance-scale)")
     gen.add_argument("--boundary-ratio", type=float, default=None,
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             guidance_scale_2=args.guidance_scale_2,
             boundary_ratio=args.boundary_ratio,
             flow_shift=args.flow_shift,
+            sampler=args.sampler,
             output_path=args.output_path,
             save_video=not args.no_save,
             fps=args.fps,

@@ -113,6 +113,7 @@ class VideoGenerator:
         guidance_scale_2: float | None = None,
         boundary_ratio: float | None = None,
         seed: int = 0,
+        sampler: str = "model",
         output_path: str | Path = "outputs/",
         save_video: bool = True,
         fps: int = 16,
@@ -124,7 +125,8 @@ class VideoGenerator:
 
         With ``save_video`` an .mp4 is written into ``output_path`` (a folder, or a file path ending in .mp4).
         ``image`` (image-to-video models) is the start frame: a PIL image, a file path or an ``[H, W, 3]`` array.
-        ``guidance_scale_2`` and ``boundary_ratio`` apply to two-expert models (Wan2.2 A14B) only.
+        ``guidance_scale_2`` and ``boundary_ratio`` apply to two-expert models (Wan2.2 A14B) only. ``sampler``:
+        ``"model"`` (its own scheduler) or ``"euler"`` (first-order steps, for 4-step distilled LoRAs).
         ``loras``: LoRA files for this video, each a path, ``(path, strength)`` or ``(path, strength, dit)`` (a DiT
         component name such as ``transformer_2``; default every DiT), or a ``pipeline.loras.LoraChoice``. They are
         added to the DiT's device copies only: the next call with other LoRAs or strengths reloads nothing.
@@ -142,6 +144,7 @@ class VideoGenerator:
             boundary_ratio=boundary_ratio,
             flow_shift=flow_shift,
             seed=seed,
+            sampler=sampler,
         )
         check_params_for_model(self.model, params)
         check_job_memory(self.manager, self.model, self.config, params)  # before any weight moves or noise is drawn

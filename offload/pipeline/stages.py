@@ -245,7 +245,8 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
             loras: Mapping[str, PatchSet] | None = None) -> torch.Tensor:
     scheduler_component = model.spec.first(Role.SCHEDULER)
     scheduler_class, scheduler_config = manager.component(model, scheduler_component.name)
-    scheduler = make_scheduler(scheduler_component.resolve, scheduler_class, scheduler_config, params.flow_shift)
+    scheduler = make_scheduler(scheduler_component.resolve, scheduler_class, scheduler_config, params.flow_shift,
+                               params.sampler)
     space = latent_space(model)
     noise = initial_noise(params, space)
     conditioning = _with_image_condition(manager, model, config, conditioning, params)
