@@ -24,7 +24,8 @@ WORKFLOWS = REPO_ROOT / "workflows"
 API_FOLDER = WORKFLOWS / "api"
 """API-format twins live in a subfolder: ComfyUI lists every top-level workflows/*.json as a template, and an API
 file there opens as an empty canvas."""
-API_FILES = sorted(API_FOLDER.glob("*.json"))
+API_FILES = sorted(API_FOLDER.glob("wan2.1_*.json"))
+"""The Wan2.1 API workflows, which this file runs against diffusers; the Wan2.2 ones run in test_wan22_workflows."""
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 SMALL = {"width": 96, "height": 64, "num_frames": 9, "steps": 3}
@@ -141,7 +142,9 @@ def diffusers_frames(folder, image, prompt, negative_prompt, seed, **sizes):
 def widget_names(cls) -> list[str]:
     """The widgets the graph editor shows for a node, in order, with the seed's control widget after it."""
     names = []
-    for name, spec in cls.INPUT_TYPES()["required"].items():
+    inputs = cls.INPUT_TYPES()
+    # Optional inputs of a widget kind are widgets too, after the required ones, and a saved graph holds their values.
+    for name, spec in {**inputs["required"], **inputs.get("optional", {})}.items():
         if isinstance(spec[0], list) or spec[0] in WIDGET_KINDS:
             names.append(name)
             options = spec[1] if len(spec) > 1 else {}
