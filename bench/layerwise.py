@@ -56,11 +56,10 @@ import torch
 # The package must be importable: `pip install -e .` here, `bench/on_device.sh` on the device machine.
 
 from video_offload.offload.core.weight_patches import (  # noqa: E402
-    LinearSidePaths,
     LowRank,
     PatchFile,
     PatchSet,
-    patch_tensor,
+    merge_into_resident,
 )
 from video_offload.offload.families.wan.comfy_export import export_transformer_folder  # noqa: E402
 from video_offload.offload.families.wan.files import WanDitFormat  # noqa: E402
@@ -387,17 +386,7 @@ def add_lora(setup: Setup, rank: int, dtype: torch.dtype) -> Setup:
     if setup.offloader is not None:
         setup.offloader.set_weight_patches(patches)
     else:
-        params = dict(setup.model.named_parameters())
-        others = {}
-        with torch.no_grad():
-            for name, terms in patches.targets().items():
-                if name.startswith("blocks."):
-                    patch_tensor(params[name].data, terms)
-                else:
-                    others[name] = terms
-        side = LinearSidePaths(setup.model, others)
-        side.install()
-        setup.info["side_paths"] = side
+        setup.info["side_paths"] = merge_into_resident(setup.model, patches)
     setup.info["lora_params"] = sum(
         t.up.numel() + t.down.numel() for terms in patches.entries[0][0].targets.values() for t in terms)
     return setup

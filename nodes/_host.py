@@ -185,11 +185,16 @@ def resolve_component(argument: str, widget: str, name: str) -> Path:
         return Path(name)
     if name.startswith(DIFFUSERS_CHOICE):
         return resolve_model_folder(name[len(DIFFUSERS_CHOICE):])
-    key = FILE_FOLDER_KEYS[argument]
+    return find_in_comfy_folder(FILE_FOLDER_KEYS[argument], widget, name)
+
+
+def find_in_comfy_folder(key: str, widget: str, name: str) -> Path:
+    """``name`` in ComfyUI's ``key`` folders (``folder_paths.get_full_path`` keeps names inside them), or an error
+    naming the widget, the folders searched and where to put the file."""
     try:
         found = folder_paths.get_full_path(key, name)
         folders = folder_paths.get_folder_paths(key)
-    except KeyError:
+    except KeyError:  # a ComfyUI without that folder key
         found, folders = None, []
     if found is None:
         raise ModelLoadError(
@@ -242,14 +247,4 @@ def resolve_lora(name: str) -> Path:
         raise ModelLoadError(f"lora_name={name!r} is empty. Fix: pick a LoRA from the list.")
     if not in_comfyui():
         return Path(name)
-    try:
-        found = folder_paths.get_full_path(LORA_FOLDER_KEY, name)
-        folders = folder_paths.get_folder_paths(LORA_FOLDER_KEY)
-    except KeyError:
-        found, folders = None, []
-    if found is None:
-        raise ModelLoadError(
-            f"lora_name={name!r} was not found in ComfyUI's loras folders ({', '.join(folders) or 'none configured'}). "
-            "Fix: put the file in ComfyUI/models/loras/ and refresh the node list (press r)."
-        )
-    return Path(found)
+    return find_in_comfy_folder(LORA_FOLDER_KEY, "lora_name", name)

@@ -304,7 +304,7 @@ def two_expert_folder(tiny_t2v, tmp_path):
     from video_offload.offload.families.wan.tiny import build_tiny_wan
 
     class TwoExperts(WanStages):
-        def dit_for_step(self, source, dits, timestep, num_train_timesteps):
+        def dit_for_step(self, source, dits, timestep, num_train_timesteps, params=None):
             return dits[0] if len(dits) == 1 or timestep >= 0.875 * num_train_timesteps else dits[1]
 
     folder = tmp_path / "two-experts"

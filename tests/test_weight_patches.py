@@ -13,10 +13,10 @@ from test_layerwise import WAN_SHAPES, _random_wan_folder, bit_equal, forward
 from video_offload.offload.core.placement import ModulePlacer
 from video_offload.offload.core.weight_patches import (
     Delta,
-    LinearSidePaths,
     LowRank,
     PatchFile,
     PatchSet,
+    merge_into_resident,
     patch_tensor,
 )
 from video_offload.offload.families.wan.shapes import WAN_DIT_COMMON
@@ -54,15 +54,7 @@ def random_patches(model, rank=3, seed=0, scale=0.1, dtype=torch.float32, name="
 def merged_reference(folder, patches, device, dtype):
     """The resident model with the block terms merged and the same side paths outside the blocks."""
     model = WanTransformer3DModel.from_pretrained(folder, dtype=dtype).to(device)
-    params = dict(model.named_parameters())
-    others = {}
-    with torch.no_grad():
-        for name, terms in patches.targets().items():
-            if name.startswith("blocks."):
-                patch_tensor(params[name].data, terms)
-            else:
-                others[name] = terms
-    LinearSidePaths(model, others).install()
+    merge_into_resident(model, patches)
     return model
 
 

@@ -298,6 +298,23 @@ class BlockPatcher:
             self._arena.release()
 
 
+def merge_into_resident(model: nn.Module, patches: PatchSet, block_prefix: str = "blocks.") -> LinearSidePaths:
+    """The reference a streamed LoRA is checked against: the terms of tensors under ``block_prefix`` merged once
+    into ``model``'s own weights (what each slot gets after its copy), the rest run as side paths (installed and
+    returned), as the offloader runs them."""
+    params = dict(model.named_parameters())
+    others = {}
+    with torch.no_grad():
+        for name, terms in patches.targets().items():
+            if name.startswith(block_prefix):
+                patch_tensor(params[name].data, terms)
+            else:
+                others[name] = terms
+    side = LinearSidePaths(model, others)
+    side.install()
+    return side
+
+
 # ---------------------------------------------------------------------------------------------- side paths
 
 
