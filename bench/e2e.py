@@ -14,6 +14,7 @@ against whole (bit-exactness on a real-size block), the VAE decode tiled against
     python bench/e2e.py                   # on a GPU: the issue-10 plan (see PLANS)
     python bench/e2e.py --plan quick      # 480p only
     python bench/e2e.py --tiny            # on a CPU: the same code path on tiny configs, seconds
+    python bench/e2e.py --plan wan22      # Wan2.2 A14B I2V, both experts with a LoRA each, 4 euler steps at cfg 1
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from video_offload.offload.core.manager import OffloadManager  # noqa: E402
 from video_offload.offload.core.tensors import tensor_bytes  # noqa: E402
 from video_offload.offload.families.wan.shapes import CLIP_VIT_H, UMT5_XXL, WAN_DIT, WAN_VAE  # noqa: E402
 from video_offload.offload.families.wan.spec import WAN21_I2V, WAN21_T2V  # noqa: E402
+from video_offload.offload.families.wan.wan22 import WAN22_A14B_I2V  # noqa: E402
 from video_offload.offload.families.wan.tiny import _build_tokenizer  # noqa: E402
 from video_offload.offload.pipeline.stages import decode_video, encode_prompts, prepare_image_condition, sample_latents  # noqa: E402
 from video_offload.offload.weights.diffusers_folder import DiffusersFolder  # noqa: E402
@@ -78,8 +80,10 @@ def fill_random_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def build_models(sizes: dict, image_to_video: bool, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Instantiate the components on the meta device, then materialise them in host memory with random values."""
+def build_models(sizes: dict, image_to_video: bool, dtype: torch.dtype, seed: int = 0, two_experts: bool = False) -> dict:
+    """Instantiate the components on the meta device, then materialise them in host memory with random values.
+    ``two_experts``: Wan2.2 A14B - a second DiT (``transformer_2``, other values) and, for image-to-video, the
+    36-channel DiT without CLIP image conditioning (no image encoder)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
@@ -97,25 +101,31 @@ def build_models(sizes: dict, image_to_video: bool, dtype: torch.dtype, seed: in
     with torch.device("meta"):
         text_encoder = UMT5EncoderModel(UMT5Config(**sizes["umt5"]))
         dit_config = dict(sizes["dit"])
-        if image_to_video:
+        if image_to_video and two_experts:
+            dit_config.update(in_channels=36)
+        elif image_to_video:
             dit_config.update(in_channels=36, image_dim=sizes["clip"]["hidden_size"],
                               added_kv_proj_dim=dit_config["num_attention_heads"] * dit_config["attention_head_dim"])
         transformer = WanTransformer3DModel(**dit_config)
+        transformer_2 = WanTransformer3DModel(**dit_config) if two_experts else None
         vae = AutoencoderKLWan(**sizes["vae"])
-        image_encoder = CLIPVisionModel(CLIPVisionConfig(**sizes["clip"])) if image_to_video else None
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(**sizes["clip"])) if image_to_video and not two_experts else None
     components = {
         "text_encoder": materialise(text_encoder, dtype),
         "transformer": materialise(transformer, dtype),
         "vae": materialise(vae, torch.float32),
     }
+    if two_experts:
+        seed += 1
+        components["transformer_2"] = materialise(transformer_2, dtype)
     # Non-persistent buffers (rotary tables) must be computed, not random: rebuild them as __init__ does.
-    rope = type(components["transformer"].rope)(
-        dit_config["attention_head_dim"], dit_config["patch_size"], dit_config["rope_max_seq_len"]
-    )
-    components["transformer"].rope = rope.eval()
+    for name in ("transformer", "transformer_2") if two_experts else ("transformer",):
+        components[name].rope = type(components[name].rope)(
+            dit_config["attention_head_dim"], dit_config["patch_size"], dit_config["rope_max_seq_len"]
+        ).eval()
     text = components["text_encoder"]
     text.encoder.embed_tokens.weight = text.shared.weight  # to_empty untied them; UMT5 shares one embedding
-    if image_to_video:
+    if image_to_video and not two_experts:
         from transformers import CLIPImageProcessor
 
         components["image_encoder"] = materialise(image_encoder, torch.float32)
@@ -127,19 +137,23 @@ def build_models(sizes: dict, image_to_video: bool, dtype: torch.dtype, seed: in
     return components
 
 
-def write_config_folder(root: Path, components: dict, image_to_video: bool) -> DiffusersFolder:
+def write_config_folder(root: Path, components: dict, image_to_video: bool, spec=None) -> DiffusersFolder:
     """Configs only (no weights): what the stages read (model index, scheduler, transformer and VAE configs)."""
     from diffusers import UniPCMultistepScheduler
 
     root.mkdir(parents=True, exist_ok=True)
-    components["transformer"].save_config(root / "transformer")
+    for name in ("transformer", "transformer_2"):
+        if name in components:
+            components[name].save_config(root / name)
     components["vae"].save_config(root / "vae")
     UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
     ).save_config(root / "scheduler")
-    spec = WAN21_I2V if image_to_video else WAN21_T2V
+    spec = spec or (WAN21_I2V if image_to_video else WAN21_T2V)
     index = {"_class_name": spec.pipeline_class}
     index.update({c.name: ["", next(iter(c.classes))] for c in spec.components})
+    if "transformer_2" in components:
+        index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.9)  # Wan2.2 I2V A14B
     (root / "model_index.json").write_text(json.dumps(index))
     return DiffusersFolder(root, index)
 
@@ -237,8 +251,9 @@ def prepare(manager: OffloadManager, model: LoadedModel, config: OffloadConfig) 
         model.resources.drop_layerwise()
     if manager.device.type == "cuda":
         torch.cuda.empty_cache()
-    with manager.in_use(model, "transformer", config):
-        pass
+    for name in model.dit_names:
+        with manager.in_use(model, name, config):
+            pass
     for name, offloaded in (("text_encoder", config.text_encoder_cpu_offload), ("vae", config.vae_cpu_offload),
                             ("image_encoder", config.image_encoder_cpu_offload)):
         if name not in model.components or (name == "text_encoder" and offloaded):
@@ -264,6 +279,14 @@ PLANS = {
     ],
 }
 PLANS["quick"] = [row for row in PLANS["full"] if row[2] == 480 and row[1] == "14B"]
+PLANS["wan22"] = [
+    # Wan2.2 A14B image-to-video as ComfyUI's template runs it: two experts, a rank-64 LoRA on each (the lightx2v
+    # 4-step LoRAs' rank), 4 euler steps at cfg 1 and shift 5 (issue 13).
+    ("i2v-a14b", "14B", 480, 832, 81, "all_resident", None),
+    ("i2v-a14b", "14B", 480, 832, 81, "seed_defaults", 6.0),
+]
+A14B_SAMPLING = dict(num_inference_steps=4, guidance_scale=1.0, flow_shift=5.0, sampler="euler")
+A14B_LORA_RANK = 64
 PEAK_TARGET_GIB = {("14B", 480): 5.0, ("14B", 720): 7.5, ("1.3B", 480): 3.0}
 """Issue 10's whole-run peak allocated targets (text encode, start-frame encode, sampling and decode)."""
 
@@ -292,7 +315,7 @@ def run_scenario(manager, model, mode, params, image, device, emit, label: dict)
         rows["encode_image_condition"] = out
     out = {}
     with measured(device, out):
-        latents = sample_latents(manager, model, config, conditioning, params)
+        latents = sample_latents(manager, model, config, conditioning, params, loras=getattr(model, "bench_loras", None))
     out["s_per_step"] = round(out["seconds"] / params.num_inference_steps, 4)
     rows["sample"] = out
     out = {}
@@ -416,13 +439,21 @@ def main() -> int:
                 built.clear()
                 started = time.perf_counter()
                 sizes = dict(sizes_14b, dit=TINY["dit"] if args.tiny else WAN_DIT[dit])
-                components = build_models(sizes, kind == "i2v", dtype)
+                a14b = kind == "i2v-a14b"
+                components = build_models(sizes, kind.startswith("i2v"), dtype, two_experts=a14b)
                 components["tokenizer"] = _build_tokenizer()
-                folder = write_config_folder(Path(tmp) / f"{kind}-{dit}", components, kind == "i2v")
-                dtypes = {"transformer": dtype, "text_encoder": dtype, "vae": torch.float32, "image_encoder": torch.float32}
-                model = LoadedModel(source=folder, spec=WAN21_I2V if kind == "i2v" else WAN21_T2V,
-                                    precision=Precision(dit=str(dtype).removeprefix("torch.")), dtypes=dtypes)
+                spec = WAN22_A14B_I2V if a14b else WAN21_I2V if kind == "i2v" else WAN21_T2V
+                folder = write_config_folder(Path(tmp) / f"{kind}-{dit}", components, kind.startswith("i2v"), spec)
+                dtypes = {"transformer": dtype, "transformer_2": dtype, "text_encoder": dtype, "vae": torch.float32,
+                          "image_encoder": torch.float32}
+                model = LoadedModel(source=folder, spec=spec, precision=Precision(dit=str(dtype).removeprefix("torch.")),
+                                    dtypes=dtypes)
                 model.components.update(components)
+                if a14b:
+                    from layerwise import random_lora  # bench/ is the script's folder, on sys.path
+
+                    model.bench_loras = {name: random_lora(components[name], A14B_LORA_RANK, dtype)
+                                         for name in ("transformer", "transformer_2")}
                 manager = OffloadManager(device)
                 built[key] = (manager, model)
                 emit(dict(model=kind, dit=dit, stage="build_random_models", seconds=round(time.perf_counter() - started, 1),
@@ -435,16 +466,17 @@ def main() -> int:
                 if device.type == "cuda":  # kernel selection and allocator warm-up, untimed
                     warm = OffloadConfig(**MODES["all_resident"])
                     prepare(manager, model, warm)
-                    warm_image = PIL.Image.new("RGB", (832, 480)) if kind == "i2v" else None
+                    warm_image = PIL.Image.new("RGB", (832, 480)) if kind.startswith("i2v") else None
                     conditioning = encode_prompts(manager, model, warm, "warm up", "", warm_image)
                     params = SamplingParams(height=480, width=832, num_frames=17, num_inference_steps=1)
                     sample_latents(manager, model, warm, conditioning, params)
             manager, model = built[key]
             if args.tiny:
                 height, width, frames = 64, 96, 9
-            params = SamplingParams(height=height, width=width, num_frames=frames, num_inference_steps=args.steps)
+            sampling = A14B_SAMPLING if kind == "i2v-a14b" else dict(num_inference_steps=args.steps)
+            params = SamplingParams(height=height, width=width, num_frames=frames, **sampling)
             image = None
-            if kind == "i2v":
+            if kind.startswith("i2v"):
                 image = PIL.Image.fromarray((np.random.RandomState(0).rand(height, width, 3) * 255).astype("uint8"))
             manager.release(model)  # each scenario starts with nothing on the device
             set_vram_cap(device, cap)
