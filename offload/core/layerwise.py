@@ -62,8 +62,9 @@ from torch import nn
 
 from ..config import option_spec
 from ..errors import ConfigError
+from .block_checks import check_ownership, common_layout, stored_formats
 from .block_slots import BlockSlots
-from .host_memory import FlatLayout, HostArena
+from .host_memory import HostArena
 from .residency import AutoResidency, spread_resident
 from .slot_sharing import SharedSlots
 from .stored_format import StagedLayout, StoredFormat
@@ -160,10 +161,6 @@ def _output_to(device: torch.device, module: nn.Module, args, output):
     return _to(output, device)
 
 
-def _describe(t: torch.Tensor | None) -> str:
-    return "absent" if t is None else f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
-
-
 class LayerwiseOffloader:
     """Streams the blocks of a DiT through a GPU; see the module docstring.
 
@@ -216,10 +213,10 @@ class LayerwiseOffloader:
         self._blocks_name = blocks_name
 
         refs = [tensor_refs(block) for block in blocks]
-        self.layout = self._common_layout(refs)
-        self._check_ownership(refs, weights is not None)
+        self.layout = common_layout(self._blocks_name, refs)
+        check_ownership(self.model, self._blocks_name, refs, weights is not None)
         num_blocks = len(blocks)
-        formats = self._stored_formats(refs, weights)
+        formats = stored_formats(self._blocks_name, refs, weights)
         self.staged: StagedLayout | None = StagedLayout.of(self.layout, formats[0]) if formats else None
         """The blocks' stored layout and how it is widened, when they are kept narrower than they compute."""
         host_layout = self.staged.stored if self.staged else self.layout
@@ -324,32 +321,6 @@ class LayerwiseOffloader:
             return "pinned"
         return f"{pinned // self._host_flat[0].numel()} of {len(self._host_flat)} blocks pinned, the rest pageable (max_pinned_bytes)"
 
-    def _stored_formats(self, refs: list[list[TensorRef]], weights: WeightSource | None) -> list[list[StoredFormat | None]] | None:
-        """Each block tensor's stored format (None: kept in its compute dtype), or None when no tensor is narrow.
-        The narrow tensors must be the same ones, in the same dtypes, in every block (one stored layout); their
-        scales may differ."""
-        stored_format = getattr(weights, "stored_format", None)
-        if stored_format is None:
-            return None
-        formats = [
-            [stored_format(f"{self._blocks_name}.{i}.{ref.name}", ref.get()) for ref in block_refs]
-            for i, block_refs in enumerate(refs)
-        ]
-        if not any(f is not None for block in formats for f in block):
-            return None
-
-        def shape(f: StoredFormat | None):
-            return None if f is None else (f.dtype, f.scale is not None)
-
-        for i, block in enumerate(formats[1:], start=1):
-            for ref, first, this in zip(refs[i], formats[0], block):
-                if shape(first) != shape(this):
-                    raise ValueError(
-                        f"{self._blocks_name}.{i}.{ref.name} is stored as {shape(this)} but as {shape(first)} in block "
-                        "0: every block must be stored alike to stream through the same slots"
-                    )
-        return formats
-
     def _fill_host_copies(
         self, refs: list[list[TensorRef]], weights: WeightSource | None, formats: list[list[StoredFormat | None]] | None
     ) -> None:
@@ -420,57 +391,6 @@ class LayerwiseOffloader:
         self._finalizer()  # HostArena.release
 
     # ----------------------------------------------------------------------------------------------- construction
-
-    def _common_layout(self, refs: list[list[TensorRef]]) -> FlatLayout:
-        def named(block_refs):
-            return [(ref.name, ref.get()) for ref in block_refs]
-
-        reference = named(refs[0])
-        layout = FlatLayout.of(reference)
-        for i, block_refs in enumerate(refs[1:], start=1):
-            current = named(block_refs)
-            if layout.matches(current):
-                continue
-            problem = None
-            for (ref_name, ref), (name, t) in zip(reference, current):
-                if ref_name != name:
-                    problem = f"has tensor {name!r} where block 0 has {ref_name!r}"
-                elif ref.shape != t.shape or ref.dtype != t.dtype:
-                    problem = f"tensor {name!r} is {_describe(t)} there but {_describe(ref)} in block 0"
-                if problem:
-                    break
-            if problem is None and len(current) > len(reference):
-                problem = f"has an extra tensor {current[len(reference)][0]!r}"
-            elif problem is None:
-                problem = f"lacks tensor {reference[len(current)][0]!r}"
-            raise ValueError(
-                f"{self._blocks_name}.{i} is not shaped like {self._blocks_name}.0: it {problem}. Layerwise offload "
-                "streams identically shaped blocks through shared GPU slots; offload this model another way."
-            )
-        return layout
-
-    def _check_ownership(self, refs: list[list[TensorRef]], has_weights: bool) -> None:
-        """Tensors must be on the CPU (or meta when a weight source fills them) and belong to one block only."""
-        owner_of: dict[int, int] = {}
-        for i, block_refs in enumerate(refs):
-            for ref in block_refs:
-                t = ref.get()
-                if owner_of.setdefault(id(t), i) != i:
-                    raise ValueError(
-                        f"{self._blocks_name}.{i}.{ref.name} is shared with block {owner_of[id(t)]}: blocks that share "
-                        "weights cannot stream through separate slots"
-                    )
-        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
-            if t.is_meta and not has_weights:
-                raise ValueError(
-                    f"{name} is on the meta device: nothing to copy from. Load real weights first, or build with "
-                    "weights.streaming.layerwise_from_pretrained(...)"
-                )
-            if not t.is_meta and t.device.type != "cpu":
-                raise ValueError(
-                    f"{name} is already on {t.device}: the offloader adopts a CPU model (load it without a device, "
-                    "or call model.to('cpu') first) so the full DiT never has to fit on the GPU"
-                )
 
     def _place_non_block(self, block_ids: set[int], fill: WeightSource) -> list[torch.Tensor]:
         """Move every tensor outside the blocks to the device (once per tensor, every registration re-pointed)."""
