@@ -1,5 +1,6 @@
-"""Single files for tests: a tiny sentencepiece model and folders holding the numbers Comfy-Org-style files hold
-(shared by ``test_single_files`` and ``test_workflows``; the files themselves come from ``comfy_export``)."""
+"""Single files for tests: a tiny sentencepiece model, folders holding the numbers Comfy-Org-style files hold
+(shared by ``test_single_files`` and ``test_workflows``; the files themselves come from ``comfy_export``), and the
+CPU float32 generator the single-file tests of each family open their files or folders with."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from video_offload.offload.families.wan.comfy_export import KEY_LAYOUTS
+
+def generator_for(source, **options):
+    """A float32 ``VideoGenerator`` on the CPU: from single files when ``source`` maps loader arguments (``dit``,
+    ``dit_2``, ``text_encoder``...) to paths, else from the Diffusers folder ``source``."""
+    from video_offload import VideoGenerator
+    from video_offload.offload import OffloadManager
+
+    manager = OffloadManager("cpu")
+    if isinstance(source, dict):
+        return VideoGenerator.from_files(**{k: str(v) for k, v in source.items()}, precision="float32",
+                                         manager=manager, **options)
+    return VideoGenerator.from_pretrained(source, precision="float32", manager=manager, **options)
+
 
 LAYOUTS = ("bf16", "fp16", "fp8_e4m3fn", "fp8_scaled")
 FOLDER_NAMES = {"dit": "transformer", "dit_2": "transformer_2", "text_encoder": "text_encoder", "vae": "vae",

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from video_offload import VideoGenerator
 from video_offload.offload import ModelLoadError, OffloadManager
 from video_offload.offload.families import open_files
-from single_file_helpers import LAYOUTS, comfyui_dequantize
+from single_file_helpers import LAYOUTS, comfyui_dequantize, generator_for
 from video_offload.offload.families.wan.comfy_export import KEY_LAYOUTS, export_component, write_safetensors
 from video_offload.offload.weights.diffusers_folder import DiffusersFolder
 
@@ -46,14 +46,6 @@ def references(single_file_references):
 
 def frames(generator: VideoGenerator, image=None) -> np.ndarray:
     return generator.generate_video(PROMPT, NEGATIVE, image=image, save_video=False, **SIZES)
-
-
-def generator_for(source, **options) -> VideoGenerator:
-    manager = OffloadManager("cpu")
-    if isinstance(source, dict):
-        return VideoGenerator.from_files(**{k: str(v) for k, v in source.items()}, precision="float32",
-                                         manager=manager, **options)
-    return VideoGenerator.from_pretrained(source, precision="float32", manager=manager, **options)
 
 
 # ------------------------------------------------------------------------------------------------------ numerics

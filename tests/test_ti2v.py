@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from single_file_helpers import generator_for
 
 from video_offload import VideoGenerator
-from video_offload.offload import ModelLoadError, OffloadManager
+from video_offload.offload import ModelLoadError
 from video_offload.offload.families import open_files, open_model
 
 SIZES = dict(height=64, width=64, num_frames=9, num_inference_steps=3, guidance_scale=4.0)
@@ -63,14 +64,6 @@ def reference(tiny_ti2v):
         return cache[key]
 
     return run
-
-
-def generator_for(source, **options) -> VideoGenerator:
-    manager = OffloadManager("cpu")
-    if isinstance(source, dict):
-        return VideoGenerator.from_files(**{k: str(v) for k, v in source.items()}, precision="float32",
-                                         manager=manager, **options)
-    return VideoGenerator.from_pretrained(source, precision="float32", manager=manager, **options)
 
 
 def generate(generator: VideoGenerator, seed: int, image=None) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+from single_file_helpers import generator_for
 
 from video_offload import VideoGenerator
 from video_offload.offload import ConfigError, ModelLoadError, OffloadManager
@@ -89,14 +90,6 @@ def our_run(generator, kind, image, monkeypatch, observer=None, **sizes):
                                           observer=observer, **sizes)
     names = dit_modules(generator)
     return frames, [(names[id(m)], t) for m, t in calls]
-
-
-def generator_for(source, **options) -> VideoGenerator:
-    manager = OffloadManager("cpu")
-    if isinstance(source, dict):
-        return VideoGenerator.from_files(**{k: str(v) for k, v in source.items()}, precision="float32", manager=manager,
-                                         **options)
-    return VideoGenerator.from_pretrained(source, precision="float32", manager=manager, **options)
 
 
 # ------------------------------------------------------------------------------------------------------ folders
