@@ -19,6 +19,7 @@ rule, which is also the reference.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -34,7 +35,10 @@ BLOCK = 4096
 """Elements per Triton program: large enough that launch and tail costs vanish on 10^7-element weights."""
 
 
+@functools.cache
 def _build_kernel():
+    """The Triton kernel, defined once per process: each ``triton.jit`` function keeps its own compile cache, so a
+    new definition per slot set would compile again for every model placed."""
     import triton
     import triton.language as tl
 

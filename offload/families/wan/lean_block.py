@@ -156,7 +156,7 @@ def lean_block_forward(block: nn.Module, x: torch.Tensor, context: torch.Tensor,
     # 1. Self-attention: norm and modulation per slice, attention whole, residual per slice.
     normed = torch.empty_like(x)
     for sl in slices:
-        shift, scale = modulation(sl)[0], modulation(sl)[1]
+        shift, scale = modulation(sl)[:2]
         normed[:, sl] = (block.norm1(x[:, sl].float()) * (1 + scale) + shift).type_as(x)
     attended = block.attn1(normed, None, None, rotary_emb)
     del normed

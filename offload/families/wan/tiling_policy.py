@@ -65,8 +65,8 @@ def encode_grid(vae, video_shape: tuple[int, ...], mode: str, available: int | N
     budget = _budget(mode, available, 0)
     if budget is None:
         return None
-    untiled = estimate_encode_memory(vae, video_shape, (1, 1), video_on_device=True).peak
-    if mode == "auto" and untiled * UNTILED_ENCODE_ALLOWANCE / GPU_ALLOWANCE <= budget:
+    if mode == "auto" and (estimate_encode_memory(vae, video_shape, (1, 1), video_on_device=True).peak
+                           * UNTILED_ENCODE_ALLOWANCE / GPU_ALLOWANCE <= budget):
         return None
     try:
         grid = choose_encode_grid(vae, video_shape, budget)
