@@ -35,7 +35,7 @@ from video_offload.offload.core.manager import OffloadManager  # noqa: E402
 from video_offload.offload.core.tensors import tensor_bytes  # noqa: E402
 from video_offload.offload.families.wan.shapes import CLIP_VIT_H, UMT5_XXL, WAN_DIT, WAN_VAE  # noqa: E402
 from video_offload.offload.families.wan.spec import WAN21_I2V, WAN21_T2V  # noqa: E402
-from video_offload.offload.families.wan.wan22 import WAN22_A14B_I2V  # noqa: E402
+from video_offload.offload.families.wan.wan22 import DEFAULT_BOUNDARY, WAN22_A14B_I2V  # noqa: E402
 from video_offload.offload.families.wan.tiny import _build_tokenizer  # noqa: E402
 from video_offload.offload.pipeline.stages import decode_video, encode_prompts, prepare_image_condition, sample_latents  # noqa: E402
 from video_offload.offload.weights.diffusers_folder import DiffusersFolder  # noqa: E402
@@ -153,7 +153,7 @@ def write_config_folder(root: Path, components: dict, image_to_video: bool, spec
     index = {"_class_name": spec.pipeline_class}
     index.update({c.name: ["", next(iter(c.classes))] for c in spec.components})
     if "transformer_2" in components:
-        index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.9)  # Wan2.2 I2V A14B
+        index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=DEFAULT_BOUNDARY[image_to_video])
     (root / "model_index.json").write_text(json.dumps(index))
     return DiffusersFolder(root, index)
 

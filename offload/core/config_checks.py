@@ -34,13 +34,18 @@ class ConfigReader:
             f"kind. Fix: re-download the '{self.component}' folder."
         )
 
+    def _present(self, key: str, default: Any, optional: bool) -> Any:
+        """``key``'s value (``default`` when absent); None only when ``optional``, else a missing value fails."""
+        value = self.config.get(key, default)
+        if value is None and not optional:
+            raise self.fail(key, value, "is missing")
+        return value
+
     def int(self, key: str, low: int, high: int, default: int | None = None, *, optional: bool = False) -> int | None:
         """A whole number in ``[low, high]`` (``default`` when absent; with ``optional`` None is allowed too)."""
-        value = self.config.get(key, default)
+        value = self._present(key, default, optional)
         if value is None:
-            if optional:
-                return None
-            raise self.fail(key, value, "is missing")
+            return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(key, value, f"must be a whole number from {low} to {high}")
         if not low <= value <= high:
@@ -48,11 +53,9 @@ class ConfigReader:
         return value
 
     def number(self, key: str, low: float, high: float, default: float | None = None, *, optional: bool = False) -> float | None:
-        value = self.config.get(key, default)
+        value = self._present(key, default, optional)
         if value is None:
-            if optional:
-                return None
-            raise self.fail(key, value, "is missing")
+            return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise self.fail(key, value, f"must be a finite number from {low} to {high}")
         if not low <= value <= high:
