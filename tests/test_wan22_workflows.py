@@ -113,20 +113,14 @@ def test_wan22_workflow_runs_and_equals_the_python_api(api_file, tmp_path, start
         manager=OffloadManager("cpu"),
     )
     loras = [(str(path), 1.0, key.split(":")[1]) for key, path in files.items() if key.startswith("lora:")]
-    expected = generator.generate_video(
-        encode["prompt"], encode["negative_prompt"], height=sample["height"], width=sample["width"],
-        num_frames=sample["num_frames"], num_inference_steps=sample["steps"], guidance_scale=sample["cfg"],
-        flow_shift=sample["flow_shift"], seed=sample["seed"], sampler=sample["sampler"], save_video=False,
-        image=start_image if "image" in encode else None, loras=loras,
-    )
+    job = dict(height=sample["height"], width=sample["width"], num_frames=sample["num_frames"],
+               num_inference_steps=sample["steps"], guidance_scale=sample["cfg"], flow_shift=sample["flow_shift"],
+               seed=sample["seed"], sampler=sample["sampler"], save_video=False,
+               image=start_image if "image" in encode else None)
+    expected = generator.generate_video(encode["prompt"], encode["negative_prompt"], loras=loras, **job)
     assert frames.shape == expected.shape == (SMALL["num_frames"], SMALL["height"], SMALL["width"], 3)
     assert np.abs(frames - expected).max() <= 1e-4  # the bound every frame comparison of the pack uses
     if loras:  # the LoRAs matter: without them the video differs
-        plain = generator.generate_video(
-            encode["prompt"], encode["negative_prompt"], height=sample["height"], width=sample["width"],
-            num_frames=sample["num_frames"], num_inference_steps=sample["steps"], guidance_scale=sample["cfg"],
-            flow_shift=sample["flow_shift"], seed=sample["seed"], sampler=sample["sampler"], save_video=False,
-            image=start_image if "image" in encode else None,
-        )
+        plain = generator.generate_video(encode["prompt"], encode["negative_prompt"], **job)
         assert np.abs(plain - expected).max() > 1e-4
     assert torch.is_tensor(results[next(k for k, v in prompt.items() if v["class_type"] == "VideoOffloadSample")][0]["samples"])
