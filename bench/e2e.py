@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from video_offload.offload.config import OffloadConfig, Precision, SamplingParams  # noqa: E402
+from video_offload.offload.families.wan.lean_block import lean_tokens  # noqa: E402
 from video_offload.offload.core.loaded_model import LoadedModel  # noqa: E402
 from video_offload.offload.core.manager import OffloadManager  # noqa: E402
 from video_offload.offload.core.tensors import tensor_bytes  # noqa: E402
@@ -178,9 +179,11 @@ def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 @contextlib.contextmanager
 def measured(device: torch.device, out: dict):
+    counters = ("num_alloc_retries", "num_device_alloc", "num_device_free")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        before = {k: torch.cuda.memory_stats(device).get(k, 0) for k in counters}
     started = time.perf_counter()
     yield
     if device.type == "cuda":
@@ -188,6 +191,10 @@ def measured(device: torch.device, out: dict):
         out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
         out["peak_vram_gib"] = round(out["peak_allocated_bytes"] / 2**30, 3)
+        # A cap reached makes the caching allocator free its cache and retry (a device-wide synchronisation that
+        # stalls the copy/compute overlap); cudaMalloc/cudaFree calls synchronise as well.
+        stats = torch.cuda.memory_stats(device)
+        out.update({f"{k}_delta": stats.get(k, 0) - before[k] for k in counters})
     out["seconds"] = round(time.perf_counter() - started, 4)
 
 
@@ -317,6 +324,8 @@ def run_scenario(manager, model, mode, params, image, device, emit, label: dict)
     with measured(device, out):
         latents = sample_latents(manager, model, config, conditioning, params, loras=getattr(model, "bench_loras", None))
     out["s_per_step"] = round(out["seconds"] / params.num_inference_steps, 4)
+    # The slice size dit_activation_chunking chose for the lean block (None: blocks ran whole).
+    out["dit_slice_tokens"] = lean_tokens(model.components["transformer"].blocks[0])
     rows["sample"] = out
     out = {}
     with measured(device, out):

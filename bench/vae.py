@@ -59,6 +59,23 @@ def measure(fn, device):
     return out, time.perf_counter() - started, peak
 
 
+def profile_row(fn, device, label: dict, out_path: str | None, top: int = 8) -> None:
+    """Where one run's GPU time goes: total kernel time and count, and the ``top`` kernels by total time."""
+    if device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.device_time_total for e in events)
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    emit(dict(**label, profile_kernel_ms=round(total / 1e3, 1), kernels=sum(e.count for e in events),
+              top=[dict(name=e.key[:90], ms=round(e.device_time_total / 1e3, 1), count=e.count) for e in events[:top]]),
+         out_path)
+
+
 @torch.no_grad()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -66,6 +83,14 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="+", default=None, help="default: every size of the VAE")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None, help="also append rows here (default: $OUT/vae.jsonl)")
+    parser.add_argument("--grids", default=None, help="tiled grids to run, e.g. 1x2,1x3 (default: the policy's pick "
+                        "and one neighbour)")
+    parser.add_argument("--frame-split", default="policy", choices=("policy", "on", "off", "both"),
+                        help="frames made by a temporal upsample enter the next block one at a time (on) or together "
+                        "(off); policy: as the pack's policy chooses for the budget")
+    parser.add_argument("--profile", action="store_true",
+                        help="also a row per decode with its 8 most expensive CUDA kernels (torch.profiler)")
+    parser.add_argument("--no-encode", action="store_true")
     args = parser.parse_args()
     from diffusers import AutoencoderKLWan
 
@@ -88,29 +113,51 @@ def main() -> int:
         emit(dict(size=name, stage="decode", mode="untiled", peak_gib=round(p_ref / GiB, 3), seconds=round(t_ref, 3)),
              out_path)
         available = int(target * GiB) - weights  # the weights are on the device already, as in the pipeline
-        chosen = decode_grid(vae, shape, "auto", available) or (1, 1)
+        policy = decode_grid(vae, shape, "auto", available)
+        chosen = policy.grid if policy is not None else (1, 1)
         grids = [chosen] + [g for g in ((1, 2), (1, 3), (2, 2)) if g != chosen][: 0 if args.tiny else 1]
-        for grid in grids:
-            out, t, p = measure(lambda: tv.decode_tiled(vae, z, grid, output_device="cpu", store_device="cpu"), device)
-            emit(dict(size=name, stage="decode", mode="tiled", grid=list(grid), policy_choice=grid == chosen,
+        if args.grids:
+            grids = [tuple(int(n) for n in g.split("x")) for g in args.grids.split(",")]
+        if args.profile:
+            profile_row(lambda: vae.decode(z).sample.cpu(), device, dict(size=name, stage="decode", mode="untiled"),
+                        out_path)
+        splits = {"on": (True,), "off": (False,), "both": (True, False),
+                  "policy": (policy.frame_split if policy is not None else False,)}[args.frame_split]
+        for grid, split in ((g, s) for g in grids for s in splits):
+            def tiled():
+                return tv.decode_tiled(vae, z, grid, output_device="cpu", store_device="cpu", frame_split=split)
+
+            out, t, p = measure(tiled, device)
+            if args.profile:
+                profile_row(tiled, device, dict(size=name, stage="decode", mode="tiled", grid=list(grid),
+                                                frame_split=split), out_path)
+            emit(dict(size=name, stage="decode", mode="tiled", grid=list(grid), frame_split=split,
+                      policy_choice=grid == chosen and (policy is None or split == policy.frame_split),
                       budget_gib=target, allowance=GPU_ALLOWANCE, peak_gib=round(p / GiB, 3),
                       peak_within_target=p <= target * GiB, seconds=round(t, 3), time_ratio=round(t / t_ref, 4),
                       time_within_1_10=t / t_ref <= 1.10,
                       max_abs_diff_0_1=float(((out.float() - reference.float()) * 0.5).abs().max())), out_path)
             del out
         del reference
-        if name in ("480p81", "704p121"):  # the start-frame encode: the image, then zeros (Wan2.2: the image alone)
+        if name in ("480p81", "704p121") and not args.no_encode:  # the start-frame encode: the image, then zeros (Wan2.2: the image alone)
             frames = (shape[2] - 1) * 4 + 1 if args.vae == "wan2.1" else 1
             video = torch.zeros(1, 3, frames, shape[3] * spatial, shape[4] * spatial)
             video[:, :, 0] = torch.rand(3, shape[3] * spatial, shape[4] * spatial) * 2 - 1
             ref_e, t_e, p_e = measure(lambda: vae.encode(video.to(device)).latent_dist.mode().cpu(), device)
             emit(dict(size=name, stage="encode", mode="untiled", peak_gib=round(p_e / GiB, 3), seconds=round(t_e, 3)),
                  out_path)
-            grid = encode_grid(vae, tuple(video.shape), "auto", available) or (1, 2)
-            out, t, p = measure(lambda: tv.encode_tiled(vae, video, grid, device=device).mode().cpu(), device)
-            emit(dict(size=name, stage="encode", mode="tiled", grid=list(grid), peak_gib=round(p / GiB, 3),
-                      seconds=round(t, 3), time_ratio=round(t / t_e, 4),
-                      max_abs_diff=float((out - ref_e).abs().max())), out_path)
+            # the policy's pick for the decode's budget, and for what a 6 GiB card has free at the start-frame
+            # encode (the VAE placed, nothing else)
+            for budget_gib in (target, 6.0 - 0.8):
+                tiling = encode_grid(vae, tuple(video.shape), "auto", int(budget_gib * GiB) - weights)
+                if tiling is None:
+                    continue
+                out, t, p = measure(lambda: tv.encode_tiled(vae, video, tiling.grid, device=device,
+                                                            frame_split=tiling.frame_split).mode().cpu(), device)
+                emit(dict(size=name, stage="encode", mode="tiled", budget_gib=budget_gib, grid=list(tiling.grid),
+                          frame_split=tiling.frame_split, peak_gib=round(p / GiB, 3), seconds=round(t, 3),
+                          time_ratio=round(t / t_e, 4), max_abs_diff=float((out - ref_e).abs().max())), out_path)
+                del out
         z = None  # noqa: F841 - free the latents before the next size
         if device.type == "cuda":
             torch.cuda.empty_cache()

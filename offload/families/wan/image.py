@@ -124,13 +124,14 @@ def image_condition_latents(
     pixels = pixels.to(dtype=torch.float32).unsqueeze(2)
     video = torch.cat([pixels, pixels.new_zeros(1, pixels.shape[1], num_frames - 1, height, width)], dim=2)
     dtype = next(vae.parameters()).dtype
-    grid = encode_grid(vae, tuple(video.shape), tiling, available_bytes)
-    if grid is None:
+    tiles = encode_grid(vae, tuple(video.shape), tiling, available_bytes)
+    if tiles is None:
         latent = vae.encode(video.to(device, dtype)).latent_dist.mode().to(torch.float32)
     else:
         from .vae_tiling import encode_tiled
 
-        latent = encode_tiled(vae, video.to(dtype), grid, device=device).mode().to(torch.float32)
+        latent = encode_tiled(vae, video.to(dtype), tiles.grid, device=device,
+                              frame_split=tiles.frame_split).mode().to(torch.float32)
     latent = space.from_raw(latent)
 
     latent_h, latent_w = height // spatial, width // spatial

@@ -167,14 +167,15 @@ class Ti2vStages(WanStages):
                                                                                   width=params.width)
         pixels = pixels.to(dtype=torch.float32).unsqueeze(2)
         dtype = next(vae.parameters()).dtype
-        grid = encode_grid(vae, tuple(pixels.shape), tiling, available_bytes)
+        tiles = encode_grid(vae, tuple(pixels.shape), tiling, available_bytes)
         with torch.no_grad():
-            if grid is None:
+            if tiles is None:
                 latent = vae.encode(pixels.to(device, dtype)).latent_dist.mode()
             else:
                 from .vae_tiling import encode_tiled
 
-                latent = encode_tiled(vae, pixels.to(dtype), grid, device=device).mode()
+                latent = encode_tiled(vae, pixels.to(dtype), tiles.grid, device=device,
+                                      frame_split=tiles.frame_split).mode()
         return space.from_raw(latent.to(torch.float32)).cpu()
 
     def noise_predictor(self, dit: nn.Module, conditioning: Conditioning, device: torch.device, dtype: torch.dtype):

@@ -10,16 +10,21 @@ memory. A device too small even for the finest grid is an out-of-memory error, w
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .vae_tiling import DecodeTiling, EncodeTiling
 
 logger = logging.getLogger(__name__)
 
 GPU_ALLOWANCE = 1.15
 """Measured GPU peak / estimated tensor storage (the untiled decode: 9.26 GiB measured for 8.09 estimated)."""
-UNTILED_ENCODE_ALLOWANCE = 1.75
-"""The same ratio for diffusers' untiled *encode*, which the replay underestimates more: 7.27 GiB measured at
-480x832x81 on an H200 for 4.19 GiB estimated (tiled encodes keep to ``GPU_ALLOWANCE``: 2.20 GiB for 1.94 at 2x2).
+UNTILED_ENCODE_ALLOWANCE = 1.2
+"""The same ratio for diffusers' untiled *encode*: 7.27 GiB measured at 480x832x81 on an H200, weights included,
+for 5.70 GiB of activations estimated by the whole-chunk replay (diffusers' encoder takes four frames at a time;
+the one-frame-at-a-time replay said 4.19, which is why this was 1.75 before the replay could take whole chunks).
 Without it ``auto`` kept a 6 GiB card's start-frame encode untiled and ran out of memory (issue 10's I2V row)."""
 ON_BUDGET = 2 * 2**30
 """Activation budget when tiling is forced on and free memory is unknown (a CPU run, a test)."""
@@ -35,44 +40,47 @@ def _at_least_two(grid: tuple[int, int]) -> tuple[int, int]:
     return grid if grid != (1, 1) else (1, 2)
 
 
-def decode_grid(vae, latent_shape: tuple[int, ...], mode: str, available: int | None) -> tuple[int, int] | None:
-    """The decode's tile grid, or None for diffusers' untiled decode."""
-    from .vae_tiling import choose_decode_grid, estimate_decode_memory
+def decode_grid(vae, latent_shape: tuple[int, ...], mode: str, available: int | None) -> DecodeTiling | None:
+    """The decode's tiling (grid, and whether frames are split), or None for diffusers' untiled decode."""
+    from .vae_tiling import DecodeTiling, choose_decode_tiling, estimate_decode_memory
 
     if mode == "off":
         return None
     budget = _budget(mode, available, 0)
     if budget is None:
         return None
-    if mode == "auto" and estimate_decode_memory(vae, latent_shape, (1, 1)).peak <= budget:
+    if mode == "auto" and estimate_decode_memory(vae, latent_shape, (1, 1), frame_split=False).peak <= budget:
         return None
     try:
-        grid = choose_decode_grid(vae, latent_shape, budget, output_on_device=False, store_on_device=False)
+        tiling = choose_decode_tiling(vae, latent_shape, budget, output_on_device=False, store_on_device=False)
     except MemoryError as e:
         raise torch.OutOfMemoryError(f"VAE decode: even the finest tiling needs more than {budget} bytes") from e
-    grid = _at_least_two(grid) if mode == "on" else grid
-    logger.info("VAE decode of %s latents in %dx%d tiles (vae_tiling=%s, %s bytes free)", tuple(latent_shape), *grid,
-                mode, available)
-    return grid
+    if mode == "on":
+        tiling = DecodeTiling(_at_least_two(tiling.grid), tiling.frame_split)
+    logger.info("VAE decode of %s latents in %dx%d tiles%s (vae_tiling=%s, %s bytes free)", tuple(latent_shape),
+                *tiling.grid, ", frames one at a time" if tiling.frame_split else "", mode, available)
+    return tiling
 
 
-def encode_grid(vae, video_shape: tuple[int, ...], mode: str, available: int | None) -> tuple[int, int] | None:
-    """The encode's tile grid (the image-to-video start-frame video), or None for diffusers' untiled encode."""
-    from .vae_tiling import choose_encode_grid, estimate_encode_memory
+def encode_grid(vae, video_shape: tuple[int, ...], mode: str, available: int | None) -> EncodeTiling | None:
+    """The encode's tiling (the image-to-video start-frame video), or None for diffusers' untiled encode."""
+    from .vae_tiling import EncodeTiling, choose_encode_tiling, estimate_encode_memory
 
     if mode == "off":
         return None
     budget = _budget(mode, available, 0)
     if budget is None:
         return None
-    if mode == "auto" and (estimate_encode_memory(vae, video_shape, (1, 1), video_on_device=True).peak
+    if mode == "auto" and (estimate_encode_memory(vae, video_shape, (1, 1), video_on_device=True,
+                                                  frame_split=False).peak
                            * UNTILED_ENCODE_ALLOWANCE / GPU_ALLOWANCE <= budget):
         return None
     try:
-        grid = choose_encode_grid(vae, video_shape, budget)
+        tiling = choose_encode_tiling(vae, video_shape, budget)
     except MemoryError as e:
         raise torch.OutOfMemoryError(f"VAE encode: even the finest tiling needs more than {budget} bytes") from e
-    grid = _at_least_two(grid)  # whatever the replay says of one tile, the untiled pass is what was ruled out
-    logger.info("VAE encode of a %s video in %dx%d tiles (vae_tiling=%s, %s bytes free)", tuple(video_shape), *grid,
-                mode, available)
-    return grid
+    # whatever the replay says of one tile, the untiled pass is what was ruled out
+    tiling = EncodeTiling(_at_least_two(tiling.grid), tiling.frame_split)
+    logger.info("VAE encode of a %s video in %dx%d tiles%s (vae_tiling=%s, %s bytes free)", tuple(video_shape),
+                *tiling.grid, ", frames one at a time" if tiling.frame_split else "", mode, available)
+    return tiling
