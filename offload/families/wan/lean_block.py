@@ -34,15 +34,15 @@ def _slices(tokens: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, tokens)) for start in range(0, tokens, size)]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``apply_rotary_emb`` (inside ``WanAttnProcessor.__call__``), for one slice of tokens."""
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """diffusers' ``apply_rotary_emb`` (inside ``WanAttnProcessor.__call__``) for one slice of tokens, written
+    straight into its place in the whole-sequence tensor ``out`` (diffusers writes into a fresh ``empty_like`` of
+    the same dtype: the same casts, one copy fewer)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos = cos[..., 0::2]
     sin = sin[..., 1::2]
-    out = torch.empty_like(x)
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
 
 
 class LeanWanAttnProcessor:
@@ -70,27 +70,28 @@ class LeanWanAttnProcessor:
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.unflatten(2, (attn.heads, -1))
 
-        query = key = value = None
+        # The value projection and (below) the output projection run whole: a linear layer's only transient is
+        # its output, which is the whole-sequence tensor anyway. The query and key pass float32 RMS norms and the
+        # rotary embedding, so they run per slice and land in place.
+        value = heads(attn.to_v(hidden_states)) if self_attention else None
+        query = key = None
         for sl in slices:
             piece = hidden_states[:, sl]
-            q = attn.norm_q(attn.to_q(piece))
-            k = attn.norm_k(attn.to_k(piece)) if self_attention else None
-            v = attn.to_v(piece) if self_attention else None
-            q = heads(q)
-            if self_attention:
-                k, v = heads(k), heads(v)
-            if rotary_emb is not None:
-                cos, sin = rotary_emb[0][:, sl], rotary_emb[1][:, sl]
-                q = _rotate(q, cos, sin)
-                k = _rotate(k, cos, sin)
+            q = heads(attn.norm_q(attn.to_q(piece)))
+            k = heads(attn.norm_k(attn.to_k(piece))) if self_attention else None
             if query is None:
                 query = q.new_empty((batch, tokens) + tuple(q.shape[2:]))
                 if self_attention:
-                    key, value = k.new_empty(query.shape), v.new_empty((batch, tokens) + tuple(v.shape[2:]))
-            query[:, sl] = q
-            if self_attention:
-                key[:, sl], value[:, sl] = k, v
-            del q, k, v
+                    key = k.new_empty(query.shape)
+            if rotary_emb is not None:
+                cos, sin = rotary_emb[0][:, sl], rotary_emb[1][:, sl]
+                _rotate_into(query[:, sl], q, cos, sin)
+                _rotate_into(key[:, sl], k, cos, sin)
+            else:
+                query[:, sl] = q
+                if self_attention:
+                    key[:, sl] = k
+            del q, k
         if not self_attention:
             key = heads(attn.norm_k(attn.to_k(encoder_hidden_states)))
             value = heads(attn.to_v(encoder_hidden_states))
@@ -108,17 +109,10 @@ class LeanWanAttnProcessor:
                                          backend=backend, parallel_config=None)
         del query, key, value
         attended = attended.flatten(2, 3).to(query_dtype)
-        out = None
-        for sl in slices:
-            piece = attended[:, sl]
-            if hidden_states_img is not None:
-                piece = piece + hidden_states_img[:, sl]
-            piece = attn.to_out[1](attn.to_out[0](piece))
-            if out is None:
-                out = piece.new_empty((batch, tokens, piece.shape[-1]))
-            out[:, sl] = piece
-            del piece
-        return out
+        if hidden_states_img is not None:
+            attended.add_(hidden_states_img)  # diffusers: hidden_states + hidden_states_img, the same sum in place
+            del hidden_states_img
+        return attn.to_out[1](attn.to_out[0](attended))
 
 
 def _hook_class():
@@ -172,8 +166,7 @@ def lean_block_forward(block: nn.Module, x: torch.Tensor, context: torch.Tensor,
         normed[:, sl] = block.norm2(x[:, sl].float()).type_as(x)
     attended = block.attn2(normed, context, None, None)
     del normed
-    for sl in slices:
-        x[:, sl] = x[:, sl] + attended[:, sl]
+    x.add_(attended)  # diffusers: hidden_states + attn_output, the same sum in place (x is this forward's own)
     del attended
 
     # 3. Feed-forward, wholly per slice.
