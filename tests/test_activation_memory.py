@@ -56,6 +56,8 @@ def test_chunking_is_planned_from_free_memory():
     assert plan_chunking("auto", 32760, per_token, 100 * gib) is None  # plenty: run whole, full speed
     size = plan_chunking("auto", 32760, per_token, 3 * gib)  # a 6 GiB card during sampling
     assert size is not None and 1024 <= size < 32760 and size * per_token <= 3 * gib // 20 + per_token * 1024
+    # A family's floor: Wan's lean block takes at least 8,192 tokens a slice (smaller slices cost time, not memory)
+    assert plan_chunking("auto", 32760, per_token, 3 * gib, floor=8190) == 8190
     forced = plan_chunking("on", 32760, per_token, 100 * gib)
     assert forced is not None and forced * per_token <= 256 * 2**20 + per_token
 

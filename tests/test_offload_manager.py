@@ -223,3 +223,20 @@ def test_text_encoder_on_the_device_is_released_when_memory_does_not_allow_keepi
         encode_prompts(manager, generator.model, generator.config, "a cat")
         placements[name] = {r.component: r.placement for r in generator.report()}["text_encoder"]
     assert placements == {"roomy": Placement.GPU, "tight": Placement.HOST_PAGEABLE}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA; run on the device machine")
+def test_gpu_compacting_hands_the_allocators_cache_back_before_a_planned_pass():
+    """What the DiT stage left cached (freed but reserved) goes back to the device, so a tiled VAE pass planned
+    from free memory finds it usable instead of failing and retrying under a card's limit."""
+    import torch
+
+    manager = OffloadManager("cuda")
+    block = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    del block
+    torch.cuda.synchronize()
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    assert cached >= 512 * 2**20
+    manager.compact_device_memory()
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < cached - 256 * 2**20

@@ -105,11 +105,14 @@ CHUNK_BUDGET_ON = 256 * 2**20
 """Bytes of activations per chunk when chunking is forced on."""
 
 
-def plan_chunking(mode: str, tokens: int, bytes_per_token: int, available_bytes: int | None) -> int | None:
+def plan_chunking(mode: str, tokens: int, bytes_per_token: int, available_bytes: int | None,
+                  floor: int = 1024) -> int | None:
     """Tokens per chunk for a token-wise module, or None to run it whole.
 
     ``on`` chunks to :data:`CHUNK_BUDGET_ON` per chunk; ``auto`` chunks only when the whole sequence's activations
     would take more than a fifth of what the device has free (unknown on a CPU: never), to a twentieth of it per chunk.
+    ``auto`` never takes fewer than ``floor`` tokens per chunk (a family's measured size below which slices cost
+    time); ``on`` is the forced, smallest setting.
     """
     if mode == "off" or tokens <= 0:
         return None
@@ -118,7 +121,7 @@ def plan_chunking(mode: str, tokens: int, bytes_per_token: int, available_bytes:
         return size if size < tokens else None
     if available_bytes is None or tokens * bytes_per_token <= available_bytes // 5:
         return None
-    size = chunk_tokens(tokens, bytes_per_token, available_bytes // 20)
+    size = chunk_tokens(tokens, bytes_per_token, available_bytes // 20, floor)
     return size if size < tokens else None
 
 

@@ -445,6 +445,15 @@ class OffloadManager:
             available = limit if available is None else min(available, limit)
         return available
 
+    def compact_device_memory(self) -> None:
+        """Hand the caching allocator's unused blocks back to the device before a pass whose size was planned from
+        free memory (a tiled VAE pass). Why: blocks cached by the stage before (the DiT's slots and activations)
+        count as available but come in the wrong sizes; under a card's limit the allocator then fails, frees its
+        whole cache and retries, again and again, each time synchronising the device (H200, 6 GiB cap: 12 retries
+        and 150 frees made a tiled decode 2.6x slower than the same decode after one release)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _reserve(self, nbytes: int) -> None:
         """Check the budget and let the host make room before ``nbytes`` more are placed on the device."""
         if self.memory_budget is not None:

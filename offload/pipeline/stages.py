@@ -313,7 +313,10 @@ def _chunk_tokenwise_layers(manager, model: LoadedModel, name: str, dit, config:
     if not modules:
         return
     per_token = tokenwise_bytes_per_token(modules[0])
-    size = plan_chunking(config.dit_activation_chunking, tokens, per_token, manager.available_bytes())
+    # The family's smallest efficient slice, but never so large that fewer than four slices remain (short
+    # sequences, tiny test models, still chunk when memory says so).
+    floor = min(getattr(model.spec.stages, "slice_floor_tokens", 1024), max(tokens // 4, 1))
+    size = plan_chunking(config.dit_activation_chunking, tokens, per_token, manager.available_bytes(), floor)
     # The family's own sliced block forward bounds every token-wise step; without one, the feed-forward alone.
     whole_blocks = model.spec.stages.chunk_blocks(dit, size)
     configure_chunking(modules, None if whole_blocks else size)
@@ -337,6 +340,8 @@ def prepare_image_condition(
 def _with_image_condition(manager, model: LoadedModel, config, conditioning: Conditioning, params) -> Conditioning:
     if conditioning.image is None or conditioning.image_condition is not None:
         return conditioning
+    if config.vae_tiling != "off":  # the tiling is planned from free memory: make it usable as planned
+        manager.compact_device_memory()
     with manager.in_use(model, _name(model, Role.VAE), config) as (vae, device):
         condition = model.spec.stages.image_condition(vae, conditioning.image, params, latent_space(model), device,
                                                       config.vae_tiling, manager.available_bytes())
@@ -359,6 +364,8 @@ def decode_video(manager: OffloadManager, model: LoadedModel, config: OffloadCon
     check_decode_memory(manager, model, latents, tiled=config.vae_tiling != "off")
 
     def decode(config: OffloadConfig) -> torch.Tensor:
+        if config.vae_tiling != "off":  # the tiling is planned from free memory: make it usable as planned
+            manager.compact_device_memory()
         with manager.in_use(model, _name(model, Role.VAE), config) as (vae, device):
             videos = [model.spec.stages.decode(vae, latents[i:i + 1], space, device, config.vae_tiling,
                                                manager.available_bytes()) for i in range(latents.shape[0])]
