@@ -289,12 +289,12 @@ PLANS = {
     ],
 }
 PLANS["quick"] = [row for row in PLANS["full"] if row[2] == 480 and row[1] == "14B"]
-PLANS["recheck"] = [  # issue 10's 480p rows that changed, each capped run twice
+PLANS["recheck"] = [  # issue 10's 480p rows that changed, each capped run twice (the smallest model first)
+    ("t2v", "1.3B", 480, 832, 81, "seed_defaults", 4.0),
+    ("t2v", "1.3B", 480, 832, 81, "seed_defaults_second_run", 4.0),
     ("t2v", "14B", 480, 832, 81, "all_resident", None),
     ("t2v", "14B", 480, 832, 81, "seed_defaults", 6.0),
     ("t2v", "14B", 480, 832, 81, "seed_defaults_second_run", 6.0),
-    ("t2v", "1.3B", 480, 832, 81, "seed_defaults", 4.0),
-    ("t2v", "1.3B", 480, 832, 81, "seed_defaults_second_run", 4.0),
 ]
 PLANS["wan22"] = [
     # Wan2.2 A14B image-to-video as ComfyUI's template runs it: two experts, a rank-64 LoRA on each (the lightx2v
