@@ -14,25 +14,17 @@ output equals diffusers' bit for bit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
 import torch
 
+from vae import emit  # bench/ is the script's folder, on sys.path: the same JSON-row writer
 from video_offload.offload.families.wan.lean_block import apply_lean_blocks, remove_lean_blocks  # noqa: E402
 
 SEQUENCES = {32760: (21, 30, 52), 75600: (21, 45, 80)}
 """tokens: latent frames and the patch grid (480p81, 720p81 for Wan2.1 14B)."""
-
-
-def emit(row: dict, out_path: str | None) -> None:
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out_path:
-        with open(out_path, "a") as handle:
-            handle.write(line + "\n")
 
 
 @torch.no_grad()
