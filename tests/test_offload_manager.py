@@ -225,6 +225,27 @@ def test_text_encoder_on_the_device_is_released_when_memory_does_not_allow_keepi
     assert placements == {"roomy": Placement.GPU, "tight": Placement.HOST_PAGEABLE}
 
 
+class CompactionCountingManager(OffloadManager):
+    """A manager that counts its compactions (on a CPU one is a no-op, so the count is what can be checked)."""
+
+    compactions = 0
+
+    def compact_device_memory(self) -> None:
+        self.compactions += 1
+        super().compact_device_memory()
+
+
+@pytest.mark.parametrize("vae_tiling, expected", [("on", 1), ("off", 0)])
+def test_a_planned_vae_pass_hands_the_allocators_cache_back_first(tiny_t2v, vae_tiling, expected):
+    """The decode compacts device memory only when its tiling is planned from free memory (vae_tiling not off):
+    once per decode, not per tile, and never for diffusers' untiled decode."""
+    manager = CompactionCountingManager("cpu")
+    generator = VideoGenerator.from_pretrained(tiny_t2v, precision="float32", manager=manager, vae_tiling=vae_tiling,
+                                               **NOTHING_OFFLOADED)
+    generator.generate_video("a cat", save_video=False, **SIZES)
+    assert manager.compactions == expected
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA; run on the device machine")
 def test_gpu_compacting_hands_the_allocators_cache_back_before_a_planned_pass():

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .vae_tiling import DecodeTiling, EncodeTiling
+    from .vae_tiling import VaeTiling
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +44,9 @@ def _budget(mode: str, available: int | None, weights: int) -> int | None:
     return max(int(available * ALLOCATOR_HEADROOM / GPU_ALLOWANCE) - weights, 0)
 
 
-def _at_least_two(grid: tuple[int, int]) -> tuple[int, int]:
-    return grid if grid != (1, 1) else (1, 2)
-
-
-def decode_grid(vae, latent_shape: tuple[int, ...], mode: str, available: int | None) -> DecodeTiling | None:
+def decode_grid(vae, latent_shape: tuple[int, ...], mode: str, available: int | None) -> VaeTiling | None:
     """The decode's tiling (grid, and whether frames are split), or None for diffusers' untiled decode."""
-    from .vae_tiling import DecodeTiling, choose_decode_tiling, estimate_decode_memory
+    from .vae_tiling import choose_decode_tiling, estimate_decode_memory
 
     if mode == "off":
         return None
@@ -64,15 +60,15 @@ def decode_grid(vae, latent_shape: tuple[int, ...], mode: str, available: int | 
     except MemoryError as e:
         raise torch.OutOfMemoryError(f"VAE decode: even the finest tiling needs more than {budget} bytes") from e
     if mode == "on":
-        tiling = DecodeTiling(_at_least_two(tiling.grid), tiling.frame_split)
+        tiling = tiling.at_least_two()
     logger.info("VAE decode of %s latents in %dx%d tiles%s (vae_tiling=%s, %s bytes free)", tuple(latent_shape),
                 *tiling.grid, ", frames one at a time" if tiling.frame_split else "", mode, available)
     return tiling
 
 
-def encode_grid(vae, video_shape: tuple[int, ...], mode: str, available: int | None) -> EncodeTiling | None:
+def encode_grid(vae, video_shape: tuple[int, ...], mode: str, available: int | None) -> VaeTiling | None:
     """The encode's tiling (the image-to-video start-frame video), or None for diffusers' untiled encode."""
-    from .vae_tiling import EncodeTiling, choose_encode_tiling, estimate_encode_memory
+    from .vae_tiling import choose_encode_tiling, estimate_encode_memory
 
     if mode == "off":
         return None
@@ -88,7 +84,7 @@ def encode_grid(vae, video_shape: tuple[int, ...], mode: str, available: int | N
     except MemoryError as e:
         raise torch.OutOfMemoryError(f"VAE encode: even the finest tiling needs more than {budget} bytes") from e
     # whatever the replay says of one tile, the untiled pass is what was ruled out
-    tiling = EncodeTiling(_at_least_two(tiling.grid), tiling.frame_split)
+    tiling = tiling.at_least_two()
     logger.info("VAE encode of a %s video in %dx%d tiles%s (vae_tiling=%s, %s bytes free)", tuple(video_shape),
                 *tiling.grid, ", frames one at a time" if tiling.frame_split else "", mode, available)
     return tiling

@@ -59,8 +59,7 @@ __all__ = [
     "choose_decode_grid",
     "choose_decode_tiling",
     "choose_encode_tiling",
-    "EncodeTiling",
-    "DecodeTiling",
+    "VaeTiling",
     "choose_encode_grid",
 ]
 
@@ -835,11 +834,16 @@ def choose_decode_grid(vae, latent_shape, budget_bytes: int, *, frame_split=True
 
 
 @dataclass(frozen=True)
-class DecodeTiling:
-    """How a decode is cut: spatial tiles, and whether a temporal upsample's frames go on one at a time."""
+class VaeTiling:
+    """How a tiled decode or encode is cut: spatial tiles, and whether frames go on one at a time (after a
+    temporal upsample in the decoder, before the first temporal downsample in the encoder)."""
 
     grid: tuple[int, int]
     frame_split: bool
+
+    def at_least_two(self) -> VaeTiling:
+        """The same tiling with at least two tiles (a grid of one tile becomes 1x2)."""
+        return self if self.grid != (1, 1) else VaeTiling((1, 2), self.frame_split)
 
 
 SPLIT_FRAMES_COST = 1.3
@@ -848,27 +852,31 @@ SPLIT_FRAMES_COST = 1.3
 copies and layout conversions and quarters their size."""
 
 
-def choose_decode_tiling(vae, latent_shape, budget_bytes: int, *, output_on_device=True,
-                         store_on_device=True) -> DecodeTiling:
-    """The fastest tiling whose estimated peak fits ``budget_bytes``.
-
-    Time is modelled as the grid's FLOPs (its halo recompute, :func:`count_flops`) times :data:`SPLIT_FRAMES_COST`
-    when frames are split. Whole frames in a finer grid usually win (2x2 whole: 2.46 GiB estimated at 480p81 and
-    1.11x the FLOPs, against 2.48 GiB for 1x3 split); split frames only where the whole-frame grid that fits is so
-    fine that its halos cost more."""
-    options = dict(output_on_device=output_on_device, store_on_device=store_on_device)
+def _fastest_tiling(pick, flops) -> VaeTiling:
+    """The faster of the whole-frame and the split-frame tiling that fit: time is modelled as the grid's FLOPs
+    (its halo recompute) times :data:`SPLIT_FRAMES_COST` when frames are split. ``pick(frame_split)`` is the
+    cheapest grid that fits (MemoryError when none does); ``flops(grid)`` its FLOPs."""
     try:
-        whole = choose_decode_grid(vae, latent_shape, budget_bytes, frame_split=False, **options)
+        whole = pick(False)
     except MemoryError:
         whole = None
-    untiled = count_flops(vae, latent_shape, (1, 1))
-    if whole is not None and count_flops(vae, latent_shape, whole) <= SPLIT_FRAMES_COST * untiled:
-        return DecodeTiling(whole, False)  # no split grid can be cheaper: its FLOPs are at least the untiled ones
-    split = choose_decode_grid(vae, latent_shape, budget_bytes, frame_split=True, **options)
-    if whole is not None and (count_flops(vae, latent_shape, whole)
-                              <= SPLIT_FRAMES_COST * count_flops(vae, latent_shape, split)):
-        return DecodeTiling(whole, False)
-    return DecodeTiling(split, True)
+    if whole is not None and flops(whole) <= SPLIT_FRAMES_COST * flops((1, 1)):
+        return VaeTiling(whole, False)  # no split grid can be cheaper: its FLOPs are at least the untiled ones
+    split = pick(True)
+    if whole is not None and flops(whole) <= SPLIT_FRAMES_COST * flops(split):
+        return VaeTiling(whole, False)
+    return VaeTiling(split, True)
+
+
+def choose_decode_tiling(vae, latent_shape, budget_bytes: int, *, output_on_device=True,
+                         store_on_device=True) -> VaeTiling:
+    """The fastest decode tiling whose estimated peak fits ``budget_bytes`` (:func:`_fastest_tiling`). Whole frames
+    in a finer grid usually win (2x2 whole: 2.46 GiB estimated at 480p81 and 1.11x the FLOPs, against 2.48 GiB for
+    1x3 split); split frames only where the whole-frame grid that fits is so fine that its halos cost more."""
+    return _fastest_tiling(
+        lambda split: choose_decode_grid(vae, latent_shape, budget_bytes, frame_split=split,
+                                         output_on_device=output_on_device, store_on_device=store_on_device),
+        lambda grid: count_flops(vae, latent_shape, grid))
 
 
 def choose_encode_grid(vae, video_shape, budget_bytes: int, *, store_on_device=True, frame_split=True) -> tuple[int, int]:
@@ -880,38 +888,14 @@ def choose_encode_grid(vae, video_shape, budget_bytes: int, *, store_on_device=T
         vae, video_shape, g, store_on_device=store_on_device, frame_split=frame_split).peak <= budget_bytes)
 
 
-@dataclass(frozen=True)
-class EncodeTiling:
-    """How an encode is cut: spatial tiles, and whether a chunk's frames go through the first stages one at a time."""
-
-    grid: tuple[int, int]
-    frame_split: bool
-
-
-def choose_encode_tiling(vae, video_shape, budget_bytes: int, *, store_on_device=True) -> EncodeTiling:
-    """The fastest encode tiling that fits ``budget_bytes``, by the same model as :func:`choose_decode_tiling`:
-    the grid's FLOPs (the encoder's halo is 9 latent px, so a 2x2 grid at 480x832 is 1.51x the untiled FLOPs and
-    1x2 1.17x), times :data:`SPLIT_FRAMES_COST` when frames are split."""
+def choose_encode_tiling(vae, video_shape, budget_bytes: int, *, store_on_device=True) -> VaeTiling:
+    """The fastest encode tiling that fits ``budget_bytes``, by the same model as the decode's
+    (:func:`_fastest_tiling`; the encoder's halo is 9 latent px, so a 2x2 grid at 480x832 is 1.51x the untiled
+    FLOPs and 1x2 1.17x)."""
     p = vae.config.patch_size or 1
     factor = plan_encode(vae, (1, 1)).factor * p
     latent = (1, 1, 1 + (video_shape[2] - 1) // 4, video_shape[-2] // factor, video_shape[-1] // factor)
-
-    def pick(split: bool) -> tuple[int, int] | None:
-        try:
-            return choose_encode_grid(vae, video_shape, budget_bytes, store_on_device=store_on_device,
-                                      frame_split=split)
-        except MemoryError:
-            return None
-
-    def flops(grid):
-        return count_flops(vae, latent, grid, encode=True)
-
-    whole = pick(False)
-    if whole is not None and flops(whole) <= SPLIT_FRAMES_COST * flops((1, 1)):
-        return EncodeTiling(whole, False)  # no split grid can be cheaper
-    split = pick(True)
-    if split is None:
-        raise MemoryError("no tiling of the VAE encode fits the memory budget")
-    if whole is not None and flops(whole) <= SPLIT_FRAMES_COST * flops(split):
-        return EncodeTiling(whole, False)
-    return EncodeTiling(split, True)
+    return _fastest_tiling(
+        lambda split: choose_encode_grid(vae, video_shape, budget_bytes, store_on_device=store_on_device,
+                                         frame_split=split),
+        lambda grid: count_flops(vae, latent, grid, encode=True))
