@@ -5,7 +5,8 @@ slice size taken from free memory; this says what each slice size costs in time 
 can pick the largest slice that fits rather than a small one. Random bf16 weights, 40 heads of 128, FFN 13,824, a
 512-token text context; one JSON row per (tokens, slice size): median seconds of ``--repeats`` forwards after a
 warm-up, the ratio to diffusers' block, the peak activation bytes (the block's weights excluded) and whether the
-output equals diffusers' bit for bit.
+output equals diffusers' bit for bit; each slice size with the element-wise steps fused (``pointwise.py``) and as
+PyTorch operations.
 
     python bench/lean_block.py                      # 32,760 and 75,600 tokens (480p81, 720p81) on a GPU, ~1 min
     python bench/lean_block.py --tiny               # a CPU smoke test of this script
@@ -33,6 +34,8 @@ def main() -> int:
     parser.add_argument("--tokens", default="32760,75600")
     parser.add_argument("--slices", default="whole,16384,8192,4096,2520",
                         help="lean slice sizes; 'whole' is one slice of the whole sequence")
+    parser.add_argument("--pointwise", default="fused,eager",
+                        help="the lean block's element-wise steps: 'fused' (one Triton pass each), 'eager' (PyTorch)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None, help="also append rows here (default: $OUT/lean_block.jsonl)")
@@ -84,14 +87,18 @@ def main() -> int:
              out_path)
         for entry in args.slices.split(","):
             size = tokens if entry == "whole" else min(int(entry), tokens)
-            apply_lean_blocks([block], size)
-            out, t, p = timed(x, context, temb, rotary)
-            emit(dict(tokens=tokens, mode="lean", slice_tokens=size, slices=-(-tokens // size), seconds=round(t, 5),
-                      time_ratio=round(t / t_ref, 4), peak_activation_gib=round(p / 2**30, 3),
-                      peak_ratio=round(p / p_ref, 4) if p_ref else None, bit_exact=bool(torch.equal(out, reference))),
-                 out_path)
-            del out
+            for pointwise in args.pointwise.split(","):
+                apply_lean_blocks([block], size, fused_pointwise=pointwise == "fused")
+                out, t, p = timed(x, context, temb, rotary)
+                emit(dict(tokens=tokens, mode="lean", pointwise=pointwise, slice_tokens=size, slices=-(-tokens // size),
+                          seconds=round(t, 5), time_ratio=round(t / t_ref, 4), peak_activation_gib=round(p / 2**30, 3),
+                          peak_ratio=round(p / p_ref, 4) if p_ref else None,
+                          bit_exact=bool(torch.equal(out, reference))), out_path)
+                del out
         remove_lean_blocks([block])
+        _, t_again, _ = timed(x, context, temb, rotary)  # the reference again: how far the GPU's speed drifted
+        emit(dict(tokens=tokens, mode="diffusers_again", seconds=round(t_again, 5),
+                  time_ratio=round(t_again / t_ref, 4)), out_path)
         del reference, x
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -121,9 +121,28 @@ def test_gpu_lean_14b_block_is_bit_exact_and_bounds_activation_memory(tokens, ch
 
     with torch.no_grad():
         whole, whole_peak = run()
-        apply_lean_blocks([block], chunk)
+        apply_lean_blocks([block], chunk, fused_pointwise=False)
+        lean_eager, _ = run()
+        apply_lean_blocks([block], chunk)  # the one-pass element-wise kernels (the default)
         lean, lean_peak = run()
     print(f"tokens={tokens} chunk={chunk}: peak activations whole {whole_peak / 2**30:.2f} GiB, "
           f"lean {lean_peak / 2**30:.2f} GiB; max abs diff {(lean.float() - whole.float()).abs().max().item()}")
+    assert torch.equal(lean_eager, whole)
     assert torch.equal(lean, whole)
     assert lean_peak < 0.55 * whole_peak  # measured on an H200: 0.49x at 32,760 tokens, 0.50x at 75,600
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("image_to_video, per_token", [(False, False), (True, False), (False, True)])
+def test_gpu_lean_tiny_blocks_with_one_pass_kernels_equal_diffusers(image_to_video, per_token):
+    """The tiny models of the CPU test on CUDA in bfloat16, where the element-wise steps run as Triton kernels: the
+    image-context attention (I2V) and one modulation per token (Wan2.2 TI2V) too."""
+    model = tiny_dit(image_to_video, torch.bfloat16).to("cuda")
+    model.rope.float()  # rotary frequencies in float32, as diffusers loads them (`_keep_in_fp32_modules`)
+    kwargs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v
+              for k, v in inputs(model, torch.bfloat16, per_token).items()}
+    with torch.no_grad():
+        expected = model(**kwargs)[0]
+        apply_lean_blocks(list(model.blocks), 40)
+        lean = model(**kwargs)[0]
+    assert torch.equal(lean, expected)

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .pointwise import gated_residual_into, modulate, rotate_into
+
 HOOK_NAME = "video_offload.lean_wan_block"
 
 
@@ -34,25 +36,16 @@ def _slices(tokens: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, tokens)) for start in range(0, tokens, size)]
 
 
-def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """diffusers' ``apply_rotary_emb`` (inside ``WanAttnProcessor.__call__``) for one slice of tokens, written
-    straight into its place in the whole-sequence tensor ``out`` (diffusers writes into a fresh ``empty_like`` of
-    the same dtype: the same casts, one copy fewer)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = cos[..., 0::2]
-    sin = sin[..., 1::2]
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-
-
 class LeanWanAttnProcessor:
     """``WanAttnProcessor`` with the per-token parts (projections, q/k norms, rotary, output projection) run over
     slices of the query tokens; the attention over the whole sequence is diffusers' own call."""
 
-    def __init__(self, original: Any, max_tokens: int):
+    def __init__(self, original: Any, max_tokens: int, fused_pointwise: bool = True):
         self.original = original
         """The processor this one replaced, put back by :func:`remove_lean_blocks`."""
         self.max_tokens = max_tokens
+        self.fused_pointwise = fused_pointwise
+        """Rotary embedding in one Triton pass where it can run (``pointwise``); False: PyTorch operations."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -85,8 +78,8 @@ class LeanWanAttnProcessor:
                     key = k.new_empty(query.shape)
             if rotary_emb is not None:
                 cos, sin = rotary_emb[0][:, sl], rotary_emb[1][:, sl]
-                _rotate_into(query[:, sl], q, cos, sin)
-                _rotate_into(key[:, sl], k, cos, sin)
+                rotate_into(query[:, sl], q, cos, sin, self.fused_pointwise)
+                rotate_into(key[:, sl], k, cos, sin, self.fused_pointwise)
             else:
                 query[:, sl] = q
                 if self_attention:
@@ -121,19 +114,22 @@ def _hook_class():
     class LeanWanBlockHook(ModelHook):
         """Replaces a ``WanTransformerBlock``'s forward by :func:`lean_block_forward`."""
 
-        def __init__(self, max_tokens: int):
+        def __init__(self, max_tokens: int, fused_pointwise: bool):
             super().__init__()
             self.max_tokens = max_tokens
+            self.fused_pointwise = fused_pointwise
 
         def new_forward(self, module: nn.Module, hidden_states, encoder_hidden_states, temb, rotary_emb):
-            return lean_block_forward(module, hidden_states, encoder_hidden_states, temb, rotary_emb, self.max_tokens)
+            return lean_block_forward(module, hidden_states, encoder_hidden_states, temb, rotary_emb, self.max_tokens,
+                                      self.fused_pointwise)
 
     return LeanWanBlockHook
 
 
 def lean_block_forward(block: nn.Module, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rotary_emb,
-                       max_tokens: int) -> torch.Tensor:
-    """``WanTransformerBlock.forward`` with every token-wise step over slices of ``max_tokens`` tokens."""
+                       max_tokens: int, fused_pointwise: bool = True) -> torch.Tensor:
+    """``WanTransformerBlock.forward`` with every token-wise step over slices of ``max_tokens`` tokens, the
+    element-wise ones each in one pass where ``pointwise`` can (``fused_pointwise``)."""
     tokens = x.shape[1]
     slices = _slices(tokens, max_tokens)
     if temb.ndim == 4:  # one modulation per token (Wan2.2 TI2V): computed per slice, never for the whole sequence
@@ -151,12 +147,12 @@ def lean_block_forward(block: nn.Module, x: torch.Tensor, context: torch.Tensor,
     normed = torch.empty_like(x)
     for sl in slices:
         shift, scale = modulation(sl)[:2]
-        normed[:, sl] = (block.norm1(x[:, sl].float()) * (1 + scale) + shift).type_as(x)
+        modulate(block.norm1(x[:, sl].float()), scale, shift, x.dtype, normed[:, sl], fused_pointwise)
     attended = block.attn1(normed, None, None, rotary_emb)
     del normed
     out = torch.empty_like(x)
     for sl in slices:
-        out[:, sl] = (x[:, sl].float() + attended[:, sl] * modulation(sl)[2]).type_as(x)
+        gated_residual_into(out[:, sl], x[:, sl], attended[:, sl], modulation(sl)[2], fused_pointwise)
     del attended
     x = out  # the caller's tensor is never written
 
@@ -172,10 +168,11 @@ def lean_block_forward(block: nn.Module, x: torch.Tensor, context: torch.Tensor,
     # 3. Feed-forward, wholly per slice.
     for sl in slices:
         c_shift, c_scale, c_gate = modulation(sl)[3:6]
-        normed = (block.norm3(x[:, sl].float()) * (1 + c_scale) + c_shift).type_as(x)
+        normed = modulate(block.norm3(x[:, sl].float()), c_scale, c_shift, x.dtype, fused=fused_pointwise)
         ff = block.ffn(normed)
-        x[:, sl] = (x[:, sl].float() + ff.float() * c_gate).type_as(x)
-        del normed, ff
+        del normed
+        gated_residual_into(x[:, sl], x[:, sl], ff, c_gate, fused_pointwise)
+        del ff
     return x
 
 
@@ -189,9 +186,11 @@ def _can_lean(block: nn.Module) -> bool:
     return True
 
 
-def apply_lean_blocks(blocks: list[nn.Module], max_tokens: int) -> int:
+def apply_lean_blocks(blocks: list[nn.Module], max_tokens: int, fused_pointwise: bool = True) -> int:
     """Run every block of ``blocks`` over slices of ``max_tokens`` tokens (idempotent: a second call only changes
-    the size). Returns how many blocks run lean (those with fused or context-parallel attention keep their own)."""
+    the size), the element-wise steps in one Triton pass each where they can (``fused_pointwise``; False is for
+    measuring them). Returns how many blocks run lean (those with fused or context-parallel attention keep their
+    own)."""
     from diffusers.hooks import HookRegistry
 
     if max_tokens < 1:
@@ -203,14 +202,16 @@ def apply_lean_blocks(blocks: list[nn.Module], max_tokens: int) -> int:
         for attn in (block.attn1, block.attn2):
             if isinstance(attn.processor, LeanWanAttnProcessor):
                 attn.processor.max_tokens = max_tokens
+                attn.processor.fused_pointwise = fused_pointwise
             else:
-                attn.set_processor(LeanWanAttnProcessor(attn.processor, max_tokens))
+                attn.set_processor(LeanWanAttnProcessor(attn.processor, max_tokens, fused_pointwise))
         registry = HookRegistry.check_if_exists_or_initialize(block)
         hook = registry.get_hook(HOOK_NAME)
         if hook is not None:
             hook.max_tokens = max_tokens
+            hook.fused_pointwise = fused_pointwise
         else:
-            registry.register_hook(_hook_class()(max_tokens), HOOK_NAME)
+            registry.register_hook(_hook_class()(max_tokens, fused_pointwise), HOOK_NAME)
         lean += 1
     return lean
 

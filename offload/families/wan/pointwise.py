@@ -1,0 +1,180 @@
+"""The Wan block's element-wise steps, each in one pass on a GPU, with diffusers' numbers bit for bit.
+
+diffusers' ``WanTransformerBlock`` writes its element-wise steps as chains of PyTorch operations, each one a kernel
+that reads and writes the whole slice: the modulation ``(norm(x.float()) * (1 + scale) + shift).type_as(x)`` is
+three (a multiply, an add, a cast), the gated residual ``(x.float() + y * gate).type_as(x)`` four, and the rotary
+embedding of the query and the key (``x1 * cos - x2 * sin`` and its twin, into even and odd places) nine each.
+At 480x832x81 every one of them moves 0.3-0.7 GB: on the H200 they took about a quarter of a 14B block's time, and
+slicing the sequence (``lean_block``) made that share larger.
+
+Each function here does one such chain in one Triton kernel, reading its inputs once and writing its result once.
+The numbers are the chain's, bit for bit: the kernel performs the same float32 operations in the same order, each
+rounded once (the kernels are compiled with ``enable_fp_fusion=False``, so no multiply and add are contracted into
+an FMA that eager PyTorch would not use), and rounds to the output dtype to nearest even as ``type_as`` does.
+``tests/test_lean_block.py`` checks the whole block against diffusers' with ``torch.equal`` on the GPU.
+
+Off CUDA, without Triton (a CPU build), or for a layout the kernels do not take, each function runs diffusers'
+expression itself, which is also the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ROW_BLOCK = 1024
+"""Elements of one token's row per Triton program (a 5,120-wide 14B row is five programs)."""
+
+
+@functools.cache
+def _kernels():
+    """The Triton kernels, defined once per process (each ``triton.jit`` function keeps its own compile cache); None
+    where Triton is not installed."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        log.info("Triton is not installed: the Wan block's element-wise steps run as PyTorch operations")
+        return None
+
+    @triton.jit
+    def modulate(normed, n_b, n_t, scale, s_b, s_t, shift, h_b, h_t, out, o_b, o_t, tokens, dim,
+                 BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        b, t = row // tokens, row % tokens
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < dim
+        value = tl.load(normed + b * n_b + t * n_t + cols, mask=mask).to(tl.float32)
+        value = value * tl.load(scale + b * s_b + t * s_t + cols, mask=mask).to(tl.float32)
+        value = value + tl.load(shift + b * h_b + t * h_t + cols, mask=mask).to(tl.float32)
+        tl.store(out + b * o_b + t * o_t + cols, value.to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    @triton.jit
+    def gated_residual(x, x_b, x_t, update, u_b, u_t, gate, g_b, g_t, out, o_b, o_t, tokens, dim,
+                       BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        b, t = row // tokens, row % tokens
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < dim
+        gated = tl.load(update + b * u_b + t * u_t + cols, mask=mask).to(tl.float32)
+        gated = gated * tl.load(gate + b * g_b + t * g_t + cols, mask=mask).to(tl.float32)
+        value = tl.load(x + b * x_b + t * x_t + cols, mask=mask).to(tl.float32) + gated
+        tl.store(out + b * o_b + t * o_t + cols, value.to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    @triton.jit
+    def rotate(x, x_b, x_t, cos, c_b, c_t, sin, s_b, s_t, out, o_b, o_t, tokens, pairs,
+               HALF: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        b, t = row // tokens, row % tokens
+        pair = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = pair < pairs
+        freq = 2 * (pair % HALF)  # diffusers takes cos[..., 0::2] and sin[..., 1::2] of each head's frequencies
+        x1 = tl.load(x + b * x_b + t * x_t + 2 * pair, mask=mask).to(tl.float32)
+        x2 = tl.load(x + b * x_b + t * x_t + 2 * pair + 1, mask=mask).to(tl.float32)
+        c = tl.load(cos + b * c_b + t * c_t + freq, mask=mask).to(tl.float32)
+        s = tl.load(sin + b * s_b + t * s_t + freq + 1, mask=mask).to(tl.float32)
+        tl.store(out + b * o_b + t * o_t + 2 * pair, (x1 * c - x2 * s).to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        tl.store(out + b * o_b + t * o_t + 2 * pair + 1, (x1 * s + x2 * c).to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    return modulate, gated_residual, rotate, triton.cdiv
+
+
+def _fused(out: torch.Tensor, enabled: bool):
+    """The kernels when they can run on ``out``'s device, else None. Triton's interpreter (``TRITON_INTERPRET=1``)
+    runs them on CPU tensors too: that is how the CPU tests check their indexing and arithmetic."""
+    if not enabled or (out.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return None
+    return _kernels()
+
+
+def _in_float32(*dtypes: torch.dtype) -> bool:
+    """Whether PyTorch computes an operation on operands of ``dtypes`` in float32, as the kernels do (a model whose
+    rotary frequencies were cast to bfloat16 makes diffusers rotate in bfloat16: then its expression runs)."""
+    promoted = dtypes[0]
+    for dtype in dtypes[1:]:
+        promoted = torch.promote_types(promoted, dtype)
+    return promoted == torch.float32
+
+
+def _rows(t: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, int, int] | None:
+    """``t`` broadcast to the ``(batch, tokens, dim)`` ``shape`` as (tensor, batch stride, token stride), or None
+    when its rows are not contiguous (the kernels index each row as one run of memory)."""
+    if t.ndim != 3:
+        return None
+    t = t.expand(shape)
+    if t.stride(2) != 1 and shape[2] > 1:
+        return None
+    return t, t.stride(0), t.stride(1)
+
+
+def modulate(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype,
+             out: torch.Tensor | None = None, fused: bool = True) -> torch.Tensor:
+    """``(normed * (1 + scale) + shift).to(dtype)``, diffusers' modulation of a normed sub-layer input, written into
+    ``out`` when given. ``normed`` is the float32 norm of ``(batch, tokens, dim)`` tokens, ``scale`` and ``shift``
+    broadcast to it."""
+    one_plus_scale = 1 + scale  # the same small tensor diffusers computes
+    kernels = _fused(normed, fused) if _in_float32(normed.dtype, one_plus_scale.dtype, shift.dtype) else None
+    if kernels is not None and out is None:
+        out = torch.empty(normed.shape, dtype=dtype, device=normed.device)
+    args = [_rows(t, out.shape) for t in (normed, one_plus_scale, shift, out)] if kernels is not None else [None]
+    if any(a is None for a in args):
+        result = (normed * one_plus_scale + shift).to(dtype)
+        return result if out is None else out.copy_(result)
+    kernel, cdiv = kernels[0], kernels[3]
+    batch, tokens, dim = out.shape
+    kernel[(batch * tokens, cdiv(dim, ROW_BLOCK))](*[v for a in args for v in a], tokens, dim, BLOCK=ROW_BLOCK,
+                                                   enable_fp_fusion=False)
+    return out
+
+
+def gated_residual_into(out: torch.Tensor, x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor,
+                        fused: bool = True) -> None:
+    """``out[:] = (x.float() + update.float() * gate).type_as(out)``: diffusers' gated residual update (``out`` may be
+    ``x`` itself: each element is read before it is written, by the same program)."""
+    kernels = _fused(out, fused) if _in_float32(torch.float32, gate.dtype) else None  # x.float(), update.float()
+    args = [_rows(t, out.shape) for t in (x, update, gate, out)] if kernels is not None else [None]
+    if any(a is None for a in args):
+        out.copy_((x.float() + update.float() * gate).type_as(out))
+        return
+    _, gated_residual, _, cdiv = kernels
+    batch, tokens, dim = out.shape
+    gated_residual[(batch * tokens, cdiv(dim, ROW_BLOCK))](*[v for a in args for v in a], tokens, dim,
+                                                           BLOCK=ROW_BLOCK, enable_fp_fusion=False)
+
+
+def _rotary_rows(t: torch.Tensor, shape: torch.Size, per_head: bool) -> tuple[torch.Tensor, int, int] | None:
+    """``t`` broadcast to the ``(batch, tokens, heads, head_dim)`` ``shape`` as (tensor, batch stride, token stride),
+    or None unless each token's values are one run of memory: all heads' (``per_head``: queries, keys) or one head's,
+    the same for every head (the frequencies)."""
+    t = t.expand(shape)
+    heads, head_dim = shape[2], shape[3]
+    if t.stride(3) != 1 or (heads > 1 and t.stride(2) != (head_dim if per_head else 0)):
+        return None
+    return t, t.stride(0), t.stride(1)
+
+
+def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = True) -> None:
+    """diffusers' ``apply_rotary_emb`` (inside ``WanAttnProcessor.__call__``) of ``(batch, tokens, heads, head_dim)``
+    queries or keys, written into ``out`` (diffusers writes into a fresh ``empty_like``: the same casts)."""
+    kernels = _fused(out, fused) if _in_float32(x.dtype, cos.dtype) and _in_float32(x.dtype, sin.dtype) else None
+    args = [None]
+    if kernels is not None and x.shape == out.shape and out.ndim == 4:
+        args = [_rotary_rows(x, out.shape, True), _rotary_rows(cos, out.shape, False),
+                _rotary_rows(sin, out.shape, False), _rotary_rows(out, out.shape, True)]
+    if any(a is None for a in args):
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        cos = cos[..., 0::2]
+        sin = sin[..., 1::2]
+        out[..., 0::2] = x1 * cos - x2 * sin
+        out[..., 1::2] = x1 * sin + x2 * cos
+        return
+    _, _, rotate, cdiv = kernels
+    batch, tokens, heads, head_dim = out.shape
+    pairs = heads * head_dim // 2
+    rotate[(batch * tokens, cdiv(pairs, ROW_BLOCK))](*[v for a in args for v in a], tokens, pairs,
+                                                     HALF=head_dim // 2, BLOCK=ROW_BLOCK, enable_fp_fusion=False)
