@@ -216,6 +216,43 @@ def test_chooser_fits_budget_and_stays_exact(small):
     assert _frames_diff(tv.decode_tiled(vae, z, budget_bytes=full // 2), ref) <= TOL
 
 
+@pytest.mark.parametrize("budget_gib", [1.4, 2.2, 3.0, 4.5])
+def test_skipping_grids_predicted_far_over_budget_chooses_what_the_full_walk_chooses(monkeypatch, budget_gib):
+    """The chooser skips candidates whose interpolated tile peak is far over the budget (fewer meta replays before
+    the first tiled pass at a size); across budgets it lands on the grid the walk over every candidate finds, and
+    replays fewer grids."""
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**WAN21_REAL)
+    shape, budget = (1, 16, 21, 60, 104), int(budget_gib * 2**30)
+    replayed = []
+
+    def estimate(grid):
+        replayed.append(grid)
+        return tv.estimate_decode_memory(vae, shape, grid, frame_split=False, output_on_device=False,
+                                         store_on_device=False)
+
+    skipping = tv._choose(60, 104, estimate, budget)
+    skipped_replays, replayed[:] = len(replayed), []
+    monkeypatch.setattr(tv, "SKIP_PREDICTED_OVER", float("inf"))
+    assert tv._choose(60, 104, estimate, budget) == skipping
+    assert estimate(skipping).peak <= budget
+    assert skipped_replays <= len(replayed) - 1
+
+
+def test_flop_counts_by_distinct_tile_shape_equal_counting_every_tile():
+    """FLOPs are replayed once per distinct tile shape and multiplied: the same count as replaying each tile."""
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**WAN21_REAL)
+    latent = (1, 16, 2, 30, 52)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    every_tile = FlopCounterMode(display=False)
+    with every_tile:
+        tv.decode_tiled(vae, torch.empty(latent, device="meta"), (2, 3))
+    # count_flops extrapolates from one and two latent frames; two frames is exactly the replay above
+    assert tv.count_flops(vae, latent, (2, 3)) == every_tile.get_total_flops()
+
+
 def test_flop_overhead_grows_with_cuts():
     with torch.device("meta"):
         vae = AutoencoderKLWan(**WAN21_REAL)

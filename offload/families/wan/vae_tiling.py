@@ -28,6 +28,8 @@ loops, the crops, the three lines of cache bookkeeping that ``WanDecoder3d.forwa
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import json
 import math
@@ -769,28 +771,44 @@ def count_flops(vae, latent_shape, grid=(1, 1), *, encode: bool = False) -> int:
     return _count_flops(_vae_key(vae), tuple(latent_shape), tuple(grid), encode)
 
 
+def _tile_shape(tile: _Tile) -> tuple:
+    """What a tile's FLOPs depend on: the size of its region at every level (not where it lies)."""
+    return tuple((r[1] - r[0], r[3] - r[2]) for r in tile.regions)
+
+
 @functools.lru_cache(maxsize=256)
 @torch.no_grad()
 def _count_flops(key, latent_shape, grid, encode):
+    """Replays the pass once without tiles (the parts outside them) and once per distinct tile shape (a 2x3 grid
+    has two: edge and middle columns), not once per tile: the count is the same, the replay a third of the time
+    (it runs on the planner's path, before a VAE pass of the first run at a size)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     meta = _meta_vae(key)
     dtype = next(meta.parameters()).dtype
     b, c, t, h, w = latent_shape
+    plan = plan_encode(meta, (h, w), grid) if encode else plan_decode(meta, (h, w), grid)
+    shapes = collections.Counter(_tile_shape(tile) for tile in plan.tiles)
+    representative = {_tile_shape(tile): tile for tile in reversed(plan.tiles)}
 
-    def run(frames: int) -> int:
+    def run(frames: int, tiles: tuple[_Tile, ...]) -> int:
+        part = dataclasses.replace(plan, tiles=tiles)
         with FlopCounterMode(display=False) as fc:
             if encode:
-                factor = plan_encode(meta, (1, 1)).factor * (meta.config.patch_size or 1)
+                factor = plan.factor * (meta.config.patch_size or 1)
                 video = torch.empty((b, meta.config.in_channels // (meta.config.patch_size or 1) ** 2,
                                      1 + 4 * (frames - 1), h * factor, w * factor), dtype=dtype, device="meta")
-                encode_tiled(meta, video, grid)
+                encode_tiled(meta, video, plan=part)
             else:
-                decode_tiled(meta, torch.empty((b, c, frames, h, w), dtype=dtype, device="meta"), grid)
+                decode_tiled(meta, torch.empty((b, c, frames, h, w), dtype=dtype, device="meta"), plan=part)
         return fc.get_total_flops()
 
-    f1 = run(1)
-    return f1 if t == 1 else f1 + (t - 1) * (run(2) - f1)
+    def total(frames: int) -> int:
+        outside = run(frames, ())
+        return outside + sum(n * (run(frames, (representative[shape],)) - outside) for shape, n in shapes.items())
+
+    f1 = total(1)
+    return f1 if t == 1 else f1 + (t - 1) * (total(2) - f1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -805,12 +823,43 @@ def _grids(h: int, w: int, max_tiles: int = 64):
     return sorted(grids, key=lambda g: ((g[0] - 1) / h + (g[1] - 1) / w, g[0] * g[1]))
 
 
-def _choose(h: int, w: int, fits) -> tuple[int, int]:
-    """Cheapest grid that fits. Memory only grows with the tile size, so a grid whose tiles are no smaller than
-    those of a grid that did not fit is skipped, and if the finest grid does not fit nothing does."""
+SKIP_PREDICTED_OVER = 1.15
+"""A candidate grid whose peak, interpolated from grids already replayed, exceeds the budget by this factor is
+skipped without its own replay (each replay of the real-size Wan VAE takes about half a second of CPU, on the path
+of the first VAE pass at a size). What is interpolated is the tile phase's peak, which grows with the tile's area
+(with its halo) and so lies at or above the straight line between two replayed grids: the interpolation errs low,
+and the margin covers integer effects. A candidate is only ever *chosen* after a replay says it fits."""
+
+
+def _choose(h: int, w: int, estimate, budget: int) -> tuple[int, int]:
+    """Cheapest grid whose ``estimate(grid)`` (a :class:`MemoryEstimate`) has a peak within ``budget``. Memory only grows with the tile size, so a grid whose
+    tiles are no smaller than those of a grid that did not fit is skipped, if the finest grid does not fit nothing
+    does, and a grid that the replays so far predict to be far over the budget is skipped
+    (:data:`SKIP_PREDICTED_OVER`)."""
     grids = _grids(h, w)
     finest = max(grids, key=lambda g: (g[0] * g[1], -abs(h / g[0] - w / g[1])))
-    if not fits(finest):
+
+    def area(g: tuple[int, int]) -> int:
+        return -(-h // g[0]) * -(-w // g[1])
+
+    seen: dict[int, int] = {}  # tile area -> tile phase peak, of the grids replayed
+
+    def replay(g: tuple[int, int]) -> int:
+        est = estimate(g)
+        seen[area(g)] = est.tile_phase
+        return est.peak
+
+    def predicted(g: tuple[int, int]) -> float | None:
+        a = area(g)
+        below = max((x for x in seen if x <= a), default=None)
+        above = min((x for x in seen if x >= a), default=None)
+        if below is None or above is None:
+            return None
+        if above == below:
+            return seen[a]
+        return seen[below] + (seen[above] - seen[below]) * (a - below) / (above - below)
+
+    if replay(finest) > budget:
         raise MemoryError("no tiling of the VAE pass fits the memory budget; free GPU memory or keep the output "
                           "and the store on the CPU (output_device='cpu', store_device='cpu')")
     too_big = []
@@ -818,7 +867,10 @@ def _choose(h: int, w: int, fits) -> tuple[int, int]:
         tile = (-(-h // g[0]), -(-w // g[1]))
         if any(tile[0] >= a and tile[1] >= b for a, b in too_big):
             continue
-        if fits(g):
+        guess = predicted(g) if len(seen) >= 2 else None
+        if guess is not None and guess > SKIP_PREDICTED_OVER * budget:
+            continue
+        if replay(g) <= budget:
             return g
         too_big.append(tile)
     return finest
@@ -830,7 +882,7 @@ def choose_decode_grid(vae, latent_shape, budget_bytes: int, *, frame_split=True
     h, w = latent_shape[-2:]
     return _choose(h, w, lambda g: estimate_decode_memory(
         vae, latent_shape, g, frame_split=frame_split, output_on_device=output_on_device,
-        store_on_device=store_on_device).peak <= budget_bytes)
+        store_on_device=store_on_device), budget_bytes)
 
 
 @dataclass(frozen=True)
@@ -885,7 +937,7 @@ def choose_encode_grid(vae, video_shape, budget_bytes: int, *, store_on_device=T
     factor = plan_encode(vae, (1, 1)).factor * p
     h, w = video_shape[-2] // factor, video_shape[-1] // factor
     return _choose(h, w, lambda g: estimate_encode_memory(
-        vae, video_shape, g, store_on_device=store_on_device, frame_split=frame_split).peak <= budget_bytes)
+        vae, video_shape, g, store_on_device=store_on_device, frame_split=frame_split), budget_bytes)
 
 
 def choose_encode_tiling(vae, video_shape, budget_bytes: int, *, store_on_device=True) -> VaeTiling:
