@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Plans the tests compute are kept in a directory of this session, never in the user's cache (core/plan_cache.py).
+os.environ.setdefault("VIDEO_OFFLOAD_CACHE_DIR", tempfile.mkdtemp(prefix="video-offload-test-cache-"))
 
 
 def pytest_configure(config):

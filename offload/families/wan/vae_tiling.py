@@ -36,6 +36,7 @@ import math
 import weakref
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,8 @@ from torch.utils._pytree import tree_flatten
 
 from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from ...core.plan_cache import PlanCache, default_cache_dir, fingerprint
 
 __all__ = [
     "DecodePlan",
@@ -616,6 +619,32 @@ class _EfficientAttention(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@functools.cache
+def _plans() -> PlanCache:
+    """The machine's plan cache (``core.plan_cache``), opened on first use."""
+    return PlanCache(default_cache_dir())
+
+
+@functools.cache
+def _planner_version() -> str:
+    """What the replays' answers depend on besides their arguments: this file and the libraries that run it."""
+    import diffusers
+
+    return fingerprint(Path(__file__).read_bytes(), torch.__version__, diffusers.__version__)
+
+
+def _kept_on_disk(namespace: str):
+    """Keep a replay's answers on disk between processes (below the in-process ``lru_cache``)."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args):
+            return _plans().memoize(namespace, _planner_version())(fn)(*args)
+
+        return wrapper
+
+    return decorate
+
+
 def _vae_key(vae) -> tuple:
     """What a replay depends on: the class, the config and the dtype (hashable, for the caches below)."""
     config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
@@ -675,6 +704,7 @@ def estimate_decode_memory(vae, latent_shape, grid=(1, 1), *, frame_split=True, 
 
 
 @functools.lru_cache(maxsize=256)
+@_kept_on_disk("vae-decode-memory")
 @torch.no_grad()
 def _estimate_decode(key, latent_shape, grid, frame_split, output_on_device, store_on_device, probe_frames):
     meta = _meta_vae(key)
@@ -719,6 +749,7 @@ def estimate_encode_memory(vae, video_shape, grid=(1, 1), *, store_on_device=Tru
 
 
 @functools.lru_cache(maxsize=256)
+@_kept_on_disk("vae-encode-memory")
 @torch.no_grad()
 def _estimate_encode(key, video_shape, grid, store_on_device, video_on_device, frame_split, probe_chunks):
     meta = _meta_vae(key)
@@ -777,6 +808,7 @@ def _tile_shape(tile: _Tile) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
+@_kept_on_disk("vae-flops")
 @torch.no_grad()
 def _count_flops(key, latent_shape, grid, encode):
     """Replays the pass once without tiles (the parts outside them) and once per distinct tile shape (a 2x3 grid
