@@ -296,6 +296,10 @@ PLANS["recheck"] = [  # issue 10's 480p rows that changed, each capped run twice
     ("t2v", "14B", 480, 832, 81, "seed_defaults", 6.0),
     ("t2v", "14B", 480, 832, 81, "seed_defaults_second_run", 6.0),
 ]
+PLANS["capped480"] = [  # issue 10's capped 480p runs alone: a process that fills the machine's caches (Triton's
+    ("t2v", "14B", 480, 832, 81, "seed_defaults", 6.0),  # kernels, the VAE plans) before a later one is measured
+    ("i2v", "14B", 480, 832, 81, "seed_defaults", 6.0),
+]
 PLANS["wan22"] = [
     # Wan2.2 A14B image-to-video as ComfyUI's template runs it: two experts, a rank-64 LoRA on each (the lightx2v
     # 4-step LoRAs' rank), 4 euler steps at cfg 1 and shift 5 (issue 13).

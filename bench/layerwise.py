@@ -55,6 +55,7 @@ import torch
 
 # The package must be importable: `pip install -e .` here, `bench/on_device.sh` on the device machine.
 
+from video_offload.offload.core import widen_kernel  # noqa: E402
 from video_offload.offload.core.weight_patches import (  # noqa: E402
     LowRank,
     PatchFile,
@@ -133,7 +134,7 @@ def parse_args(argv=None):
     if any(c in A14B_CONFIGS for c in args.configs) and args.a14b_steps < 4:
         p.error("--a14b-steps: at least 4 (a switch with a step on each side of it)")
     for m in args.modes:
-        if m not in MODES + EXTRA_MODES:
+        if m.partition("@")[0] not in MODES + EXTRA_MODES or (m.partition("@")[2] and not m.startswith("ours_fp8")):
             p.error(f"unknown mode {m!r}; choose from {', '.join(MODES + EXTRA_MODES)}")
     for f in args.frames:
         if f % 4 != 1:
@@ -551,7 +552,7 @@ def main(argv=None) -> int:
         folder = Path(args.workdir) / f"wan-{name}"
         write_s = write_random_weights(name, config, folder, dtype)
         fp8_file = None
-        if any(m in FP8_MODES for m in args.modes):
+        if any(m.partition("@")[0] in FP8_MODES for m in args.modes):
             fp8_file, fp8_write_s = fp8_file_for(name, folder)
             write_s += fp8_write_s
         references: dict[int, torch.Tensor] = {}
@@ -566,7 +567,8 @@ def main(argv=None) -> int:
             rss_before = host_memory().get("VmRSS")
             start = time.perf_counter()
             try:
-                base = mode.removesuffix("_lora")
+                base, _, programs = mode.removesuffix("_lora").partition("@")
+                widen_kernel.WIDEN_PROGRAMS = int(programs or 0)  # "ours_fp8_stream@N": N widening programs
                 setup = setup_mode(base, folder, device, dtype, args.prefetch_depth, fp8_file, args.pin_fraction)
                 if mode in LORA_MODES:
                     setup = add_lora(setup, args.lora_rank, dtype)
@@ -629,6 +631,7 @@ def main(argv=None) -> int:
                         "prefetch_depth": args.prefetch_depth if mode.startswith("ours") else None,
                         "output_finite": bool(torch.isfinite(out.float()).all()),
                         "lora_rank": args.lora_rank if mode in LORA_MODES else None,
+                        "widen_programs": widen_kernel.WIDEN_PROGRAMS if mode.startswith("ours_fp8") else None,
                         "lora_params": setup.info.get("lora_params"),
                         **bandwidth,
                         "device_name": env["device_name"],
@@ -661,7 +664,7 @@ def main(argv=None) -> int:
                         if frames in resident_rows:
                             row["ratio_to_resident"] = round(row["s_per_step"] / resident_rows[frames]["s_per_step"], 4)
                     else:
-                        ref = (fp8_references if mode in FP8_MODES else references).get(frames)
+                        ref = (fp8_references if mode.partition("@")[0] in FP8_MODES else references).get(frames)
                         row["bit_exact"] = None if ref is None else bit_equal(out, ref)
                         if frames in resident_rows:
                             row["ratio_to_resident"] = round(row["s_per_step"] / resident_rows[frames]["s_per_step"], 4)

@@ -34,6 +34,11 @@ Views = list[tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]]
 BLOCK = 4096
 """Elements per Triton program: large enough that launch and tail costs vanish on 10^7-element weights."""
 
+WIDEN_PROGRAMS = 0
+"""Programs per widening kernel: 0 launches one per :data:`BLOCK` elements (the whole GPU for a moment); N > 0
+launches N that loop over the tensor, so the widening, which runs on the copy stream beside the block being computed,
+takes N SMs' share for longer instead of every SM at once (``bench/layerwise.py --modes ours_fp8_stream@N``)."""
+
 
 @functools.cache
 def _build_kernel():
@@ -43,13 +48,16 @@ def _build_kernel():
     import triton.language as tl
 
     @triton.jit
-    def widen(src, dst, scale, n, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n
-        value = tl.load(src + offsets, mask=mask).to(tl.float32)
-        if HAS_SCALE:
-            value = value * tl.load(scale).to(tl.float32)
-        tl.store(dst + offsets, value.to(dst.dtype.element_ty), mask=mask)
+    def widen(src, dst, scale, n, programs, pieces_each, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        # program p widens pieces p, p + programs, p + 2 programs, ... (pieces_each of them, the last maybe empty)
+        for i in tl.range(0, pieces_each):
+            start = (tl.program_id(0) + i * programs).to(tl.int64) * BLOCK
+            offsets = start + tl.arange(0, BLOCK)
+            mask = offsets < n
+            value = tl.load(src + offsets, mask=mask).to(tl.float32)
+            if HAS_SCALE:
+                value = value * tl.load(scale).to(tl.float32)
+            tl.store(dst + offsets, value.to(dst.dtype.element_ty), mask=mask)
 
     return widen, triton.cdiv
 
@@ -58,8 +66,10 @@ class TritonWidener:
     """Widen a block's fp8 tensors on the current stream with one Triton kernel each; tensors stored in their
     compute dtype are copied as they are."""
 
-    def __init__(self):
+    def __init__(self, programs: int = 0):
         self._kernel, self._cdiv = _build_kernel()
+        self.programs = programs
+        """:data:`WIDEN_PROGRAMS` when this widener was made."""
 
     def __call__(self, views: Views) -> None:
         for compute, stored, scale in views:
@@ -67,8 +77,11 @@ class TritonWidener:
                 compute.copy_(stored)
                 continue
             n = compute.numel()
-            self._kernel[(self._cdiv(n, BLOCK),)](
-                stored, compute, compute if scale is None else scale, n, HAS_SCALE=scale is not None, BLOCK=BLOCK,
+            pieces = self._cdiv(n, BLOCK)
+            programs = min(pieces, self.programs) if self.programs > 0 else pieces
+            self._kernel[(programs,)](
+                stored, compute, compute if scale is None else scale, n, programs, self._cdiv(pieces, programs),
+                HAS_SCALE=scale is not None, BLOCK=BLOCK,
             )
 
 
@@ -81,7 +94,7 @@ def decoder_for(device: torch.device, staged: StagedLayout) -> Callable[[Views],
     if not all(s.stored.dtype in NARROW_FLOATS and s.compute.dtype.is_floating_point for s in narrow):
         return StagedLayout.decode
     try:
-        widener = TritonWidener()
+        widener = TritonWidener(WIDEN_PROGRAMS)
     except ImportError:
         log.info("Triton is not installed: fp8 blocks are widened with two PyTorch kernels per tensor")
         return StagedLayout.decode
