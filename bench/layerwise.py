@@ -567,8 +567,11 @@ def main(argv=None) -> int:
             rss_before = host_memory().get("VmRSS")
             start = time.perf_counter()
             try:
-                base, _, programs = mode.removesuffix("_lora").partition("@")
-                widen_kernel.WIDEN_PROGRAMS = int(programs or 0)  # "ours_fp8_stream@N": N widening programs
+                # "ours_fp8_stream@P:B:W": P widening programs (0: one per piece) of B elements and W warps
+                base, _, widen = mode.removesuffix("_lora").partition("@")
+                programs, block, warps = ((widen or "0").split(":") + ["4096", "4"])[:3]
+                widen_kernel.WIDEN_PROGRAMS, widen_kernel.BLOCK, widen_kernel.WIDEN_WARPS = (
+                    int(programs), int(block), int(warps))
                 setup = setup_mode(base, folder, device, dtype, args.prefetch_depth, fp8_file, args.pin_fraction)
                 if mode in LORA_MODES:
                     setup = add_lora(setup, args.lora_rank, dtype)
@@ -632,6 +635,8 @@ def main(argv=None) -> int:
                         "output_finite": bool(torch.isfinite(out.float()).all()),
                         "lora_rank": args.lora_rank if mode in LORA_MODES else None,
                         "widen_programs": widen_kernel.WIDEN_PROGRAMS if mode.startswith("ours_fp8") else None,
+                        "widen_block": widen_kernel.BLOCK if mode.startswith("ours_fp8") else None,
+                        "widen_warps": widen_kernel.WIDEN_WARPS if mode.startswith("ours_fp8") else None,
                         "lora_params": setup.info.get("lora_params"),
                         **bandwidth,
                         "device_name": env["device_name"],

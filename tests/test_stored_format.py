@@ -283,9 +283,9 @@ def test_gpu_one_pass_widening_equals_the_eager_rule_for_every_fp8_value(stored,
         decoder_for(torch.device("cuda"), staged)(staged.views(raw, fused))
     stream.synchronize()
     assert torch.equal(fused, eager)  # every byte, padding included
-    for programs in (1, 7):  # a bounded number of programs, each looping over its share of the pieces
-        looped = torch.full_like(eager, 0xAB)
-        TritonWidener(programs)(staged.views(raw, looped))
+    for programs, block, warps in ((1, 4096, 4), (7, 4096, 4), (0, 16384, 8), (66, 16384, 8)):
+        looped = torch.full_like(eager, 0xAB)  # bounded programs looping over their pieces; larger pieces
+        TritonWidener(programs, block, warps)(staged.views(raw, looped))
         assert torch.equal(looped, eager)
     for step, fmt in zip(staged.steps[:-1], formats[:-1]):  # and the eager rule is ComfyUI's
         expected = comfyui_dequantize(values.cuda(), None if fmt.scale is None else fmt.scale.cuda(), compute)

@@ -39,6 +39,9 @@ WIDEN_PROGRAMS = 0
 launches N that loop over the tensor, so the widening, which runs on the copy stream beside the block being computed,
 takes N SMs' share for longer instead of every SM at once (``bench/layerwise.py --modes ours_fp8_stream@N``)."""
 
+WIDEN_WARPS = 4
+"""Warps per widening program (Triton's default); with :data:`BLOCK` what one program moves at a time."""
+
 
 @functools.cache
 def _build_kernel():
@@ -66,10 +69,10 @@ class TritonWidener:
     """Widen a block's fp8 tensors on the current stream with one Triton kernel each; tensors stored in their
     compute dtype are copied as they are."""
 
-    def __init__(self, programs: int = 0):
+    def __init__(self, programs: int = 0, block: int = BLOCK, warps: int = 4):
         self._kernel, self._cdiv = _build_kernel()
-        self.programs = programs
-        """:data:`WIDEN_PROGRAMS` when this widener was made."""
+        self.programs, self.block, self.warps = programs, block, warps
+        """:data:`WIDEN_PROGRAMS`, :data:`BLOCK` and :data:`WIDEN_WARPS` when this widener was made."""
 
     def __call__(self, views: Views) -> None:
         for compute, stored, scale in views:
@@ -77,11 +80,11 @@ class TritonWidener:
                 compute.copy_(stored)
                 continue
             n = compute.numel()
-            pieces = self._cdiv(n, BLOCK)
+            pieces = self._cdiv(n, self.block)
             programs = min(pieces, self.programs) if self.programs > 0 else pieces
             self._kernel[(programs,)](
                 stored, compute, compute if scale is None else scale, n, programs, self._cdiv(pieces, programs),
-                HAS_SCALE=scale is not None, BLOCK=BLOCK,
+                HAS_SCALE=scale is not None, BLOCK=self.block, num_warps=self.warps,
             )
 
 
@@ -94,7 +97,7 @@ def decoder_for(device: torch.device, staged: StagedLayout) -> Callable[[Views],
     if not all(s.stored.dtype in NARROW_FLOATS and s.compute.dtype.is_floating_point for s in narrow):
         return StagedLayout.decode
     try:
-        widener = TritonWidener(WIDEN_PROGRAMS)
+        widener = TritonWidener(WIDEN_PROGRAMS, BLOCK, WIDEN_WARPS)
     except ImportError:
         log.info("Triton is not installed: fp8 blocks are widened with two PyTorch kernels per tensor")
         return StagedLayout.decode
