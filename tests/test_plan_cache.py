@@ -50,7 +50,7 @@ def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     assert calls == [1, 1]
     monkeypatch.delenv("VIDEO_OFFLOAD_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_cache_dir() == tmp_path / "xdg" / "video_offload"
+    assert default_cache_dir() == tmp_path / "xdg" / "video-offload" / "plans"
 
 
 SECOND_PROCESS = r"""

@@ -5,7 +5,8 @@ and FLOPs). At Wan's real size that took about 3 s of CPU before the first tiled
 machine, and as much before the first tiled start-frame encode (issue 10: 6.6 s against 3.3 s for the untiled
 decode). The answers depend only on the model's config, the shapes and the code that replays them, so they are
 kept per machine, as Triton keeps its compiled kernels: in ``$VIDEO_OFFLOAD_CACHE_DIR`` (``off`` turns it off), else
-``$XDG_CACHE_HOME/video_offload``, else ``~/.cache/video_offload``. Each file is named by a fingerprint of the code
+``plans/`` in the pack's cache folder (:func:`cache_home`: ``$XDG_CACHE_HOME/video-offload`` or
+``~/.cache/video-offload``). Each file is named by a fingerprint of the code
 and library versions that produced it, so a changed planner never reads an old answer. A file that cannot be read
 or written is ignored: the value is computed as if there were no cache.
 """
@@ -27,13 +28,19 @@ log = logging.getLogger(__name__)
 ENV = "VIDEO_OFFLOAD_CACHE_DIR"
 
 
+def cache_home() -> Path:
+    """The pack's folder for what it keeps between runs on this machine: ``$XDG_CACHE_HOME/video-offload``, else
+    ``~/.cache/video-offload``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "video-offload"
+
+
 def default_cache_dir() -> Path | None:
     """Where plans are kept on this machine, or None when ``$VIDEO_OFFLOAD_CACHE_DIR`` is ``off``."""
     chosen = os.environ.get(ENV)
     if chosen is not None:
         return None if chosen.strip().lower() in ("", "off", "0", "none") else Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "video_offload"
+    return cache_home() / "plans"
 
 
 def fingerprint(*parts: str | bytes) -> str:

@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def demo_cache() -> Path:
-    """Where ``--demo`` keeps its tiny model: ``$XDG_CACHE_HOME/video-offload`` (``~/.cache/video-offload``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "video-offload"
+    """Where ``--demo`` keeps its tiny model: the pack's cache folder (``~/.cache/video-offload``)."""
+    from ..core.plan_cache import cache_home
+
+    return cache_home()
 
 
 def demo_model() -> Path:
