@@ -162,3 +162,43 @@ def test_gpu_kernels_equal_diffusers_expressions_in_bfloat16(per_token):
     pointwise.rotate_into(fused, q, cos, sin)
     pointwise.rotate_into(eager, q, cos, sin, fused=False)
     assert torch.equal(fused, eager)
+
+
+FAILING_COMPILE = r"""
+import logging, torch
+from video_offload.offload.families.wan import pointwise as pw
+
+class Uncompilable:  # what Triton does on a GPU it cannot target (bfloat16 before Ampere, say)
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            raise RuntimeError("PassManager::run failed: bf16 is not supported on sm_61")
+        return launch
+
+logging.basicConfig(level=logging.WARNING)
+kernels = pw._kernels()
+kernels.rows = kernels.rotate = Uncompilable()
+torch.manual_seed(0)
+x, update, gate = torch.randn(1, 6, 8).half(), torch.randn(1, 6, 8).half(), torch.randn(1, 1, 8)
+out = x.clone()
+pw.gated_residual_into(out, out, update, gate)
+first = torch.equal(out, (x.float() + update.float() * gate).type_as(x))
+q, cos, sin = torch.randn(1, 6, 2, 4).half(), torch.randn(1, 6, 1, 4), torch.randn(1, 6, 1, 4)
+rotated = torch.empty_like(q)
+pw.rotate_into(rotated, q, cos, sin)
+x1, x2 = q.unflatten(-1, (-1, 2)).unbind(-1)
+expected = torch.empty_like(q)
+expected[..., 0::2] = x1 * cos[..., 0::2] - x2 * sin[..., 1::2]
+expected[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
+print(first, torch.equal(rotated, expected), pw._fused(out, True) is None)
+"""
+
+
+def test_kernels_that_do_not_compile_fall_back_to_the_same_numbers_with_a_warning():
+    """Triton can be installed where it cannot compile these kernels (an older GPU): the block then runs diffusers'
+    expressions - the same numbers - says so once, and does not try the kernels again."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", FAILING_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["True", "True", "True"], run.stdout
+    assert run.stderr.count("do not compile here") == 1 and "sm_61" in run.stderr

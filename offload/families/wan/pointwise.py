@@ -31,8 +31,28 @@ ROW_BLOCK = 1024
 """Elements of one token's row per Triton program (a 5,120-wide 14B row is five programs)."""
 
 
+class _Kernels:
+    """The compiled kernels of a process, and whether they failed to compile here (Triton on a GPU it cannot target,
+    such as bfloat16 on one older than Ampere): then every step runs as PyTorch operations, the same numbers."""
+
+    def __init__(self, rows, rotate, cdiv):
+        self.rows, self.rotate, self.cdiv = rows, rotate, cdiv
+        self.failed: str | None = None
+
+    def launch(self, kernel, grid, *args, **meta) -> bool:
+        """Run ``kernel``; False (and PyTorch from then on) if Triton cannot compile or launch it."""
+        try:
+            kernel[grid](*args, **meta, enable_fp_fusion=False)
+            return True
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the caller computes the same numbers itself
+            self.failed = f"{type(e).__name__}: {e}"
+            log.warning("The Wan block's one-pass kernels do not compile here (%s); its element-wise steps run as "
+                        "PyTorch operations: the same numbers, about 7%% slower per step", self.failed.splitlines()[0])
+            return False
+
+
 @functools.cache
-def _kernels():
+def _kernels() -> _Kernels | None:
     """The Triton kernels, defined once per process (each ``triton.jit`` function keeps its own compile cache); None
     where Triton is not installed."""
     try:
@@ -43,27 +63,17 @@ def _kernels():
         return None
 
     @triton.jit
-    def modulate(normed, n_b, n_t, scale, s_b, s_t, shift, h_b, h_t, out, o_b, o_t, tokens, dim,
-                 BLOCK: tl.constexpr):
+    def rows(first, f_b, f_t, second, s_b, s_t, third, t_b, t_t, out, o_b, o_t, tokens, dim,
+             RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        """first * second + third (a modulation) or, with RESIDUAL, first + second * third (a gated residual)."""
         row = tl.program_id(0).to(tl.int64)
         b, t = row // tokens, row % tokens
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < dim
-        value = tl.load(normed + b * n_b + t * n_t + cols, mask=mask).to(tl.float32)
-        value = value * tl.load(scale + b * s_b + t * s_t + cols, mask=mask).to(tl.float32)
-        value = value + tl.load(shift + b * h_b + t * h_t + cols, mask=mask).to(tl.float32)
-        tl.store(out + b * o_b + t * o_t + cols, value.to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
-
-    @triton.jit
-    def gated_residual(x, x_b, x_t, update, u_b, u_t, gate, g_b, g_t, out, o_b, o_t, tokens, dim,
-                       BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        b, t = row // tokens, row % tokens
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < dim
-        gated = tl.load(update + b * u_b + t * u_t + cols, mask=mask).to(tl.float32)
-        gated = gated * tl.load(gate + b * g_b + t * g_t + cols, mask=mask).to(tl.float32)
-        value = tl.load(x + b * x_b + t * x_t + cols, mask=mask).to(tl.float32) + gated
+        a = tl.load(first + b * f_b + t * f_t + cols, mask=mask).to(tl.float32)
+        x = tl.load(second + b * s_b + t * s_t + cols, mask=mask).to(tl.float32)
+        y = tl.load(third + b * t_b + t * t_t + cols, mask=mask).to(tl.float32)
+        value = a + x * y if RESIDUAL else a * x + y
         tl.store(out + b * o_b + t * o_t + cols, value.to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
     @triton.jit
@@ -81,7 +91,7 @@ def _kernels():
         tl.store(out + b * o_b + t * o_t + 2 * pair, (x1 * c - x2 * s).to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
         tl.store(out + b * o_b + t * o_t + 2 * pair + 1, (x1 * s + x2 * c).to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
-    return modulate, gated_residual, rotate, triton.cdiv
+    return _Kernels(rows, rotate, triton.cdiv)
 
 
 def _fused(out: torch.Tensor, enabled: bool):
@@ -89,7 +99,8 @@ def _fused(out: torch.Tensor, enabled: bool):
     runs them on CPU tensors too: that is how the CPU tests check their indexing and arithmetic."""
     if not enabled or (out.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
         return None
-    return _kernels()
+    kernels = _kernels()
+    return None if kernels is None or kernels.failed else kernels
 
 
 def _in_float32(*dtypes: torch.dtype) -> bool:
@@ -122,14 +133,13 @@ def modulate(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dty
     if kernels is not None and out is None:
         out = torch.empty(normed.shape, dtype=dtype, device=normed.device)
     args = [_rows(t, out.shape) for t in (normed, one_plus_scale, shift, out)] if kernels is not None else [None]
-    if any(a is None for a in args):
-        result = (normed * one_plus_scale + shift).to(dtype)
-        return result if out is None else out.copy_(result)
-    kernel, cdiv = kernels[0], kernels[3]
-    batch, tokens, dim = out.shape
-    kernel[(batch * tokens, cdiv(dim, ROW_BLOCK))](*[v for a in args for v in a], tokens, dim, BLOCK=ROW_BLOCK,
-                                                   enable_fp_fusion=False)
-    return out
+    if all(a is not None for a in args):
+        batch, tokens, dim = out.shape
+        if kernels.launch(kernels.rows, (batch * tokens, kernels.cdiv(dim, ROW_BLOCK)), *[v for a in args for v in a],
+                          tokens, dim, RESIDUAL=False, BLOCK=ROW_BLOCK):
+            return out
+    result = (normed * one_plus_scale + shift).to(dtype)
+    return result if out is None else out.copy_(result)
 
 
 def gated_residual_into(out: torch.Tensor, x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor,
@@ -138,13 +148,12 @@ def gated_residual_into(out: torch.Tensor, x: torch.Tensor, update: torch.Tensor
     ``x`` itself: each element is read before it is written, by the same program)."""
     kernels = _fused(out, fused) if _in_float32(torch.float32, gate.dtype) else None  # x.float(), update.float()
     args = [_rows(t, out.shape) for t in (x, update, gate, out)] if kernels is not None else [None]
-    if any(a is None for a in args):
-        out.copy_((x.float() + update.float() * gate).type_as(out))
-        return
-    _, gated_residual, _, cdiv = kernels
-    batch, tokens, dim = out.shape
-    gated_residual[(batch * tokens, cdiv(dim, ROW_BLOCK))](*[v for a in args for v in a], tokens, dim,
-                                                           BLOCK=ROW_BLOCK, enable_fp_fusion=False)
+    if all(a is not None for a in args):
+        batch, tokens, dim = out.shape
+        if kernels.launch(kernels.rows, (batch * tokens, kernels.cdiv(dim, ROW_BLOCK)), *[v for a in args for v in a],
+                          tokens, dim, RESIDUAL=True, BLOCK=ROW_BLOCK):
+            return
+    out.copy_((x.float() + update.float() * gate).type_as(out))
 
 
 def _rotary_rows(t: torch.Tensor, shape: torch.Size, per_head: bool) -> tuple[torch.Tensor, int, int] | None:
@@ -166,15 +175,14 @@ def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torc
     if kernels is not None and x.shape == out.shape and out.ndim == 4:
         args = [_rotary_rows(x, out.shape, True), _rotary_rows(cos, out.shape, False),
                 _rotary_rows(sin, out.shape, False), _rotary_rows(out, out.shape, True)]
-    if any(a is None for a in args):
-        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-        cos = cos[..., 0::2]
-        sin = sin[..., 1::2]
-        out[..., 0::2] = x1 * cos - x2 * sin
-        out[..., 1::2] = x1 * sin + x2 * cos
-        return
-    _, _, rotate, cdiv = kernels
-    batch, tokens, heads, head_dim = out.shape
-    pairs = heads * head_dim // 2
-    rotate[(batch * tokens, cdiv(pairs, ROW_BLOCK))](*[v for a in args for v in a], tokens, pairs,
-                                                     HALF=head_dim // 2, BLOCK=ROW_BLOCK, enable_fp_fusion=False)
+    if all(a is not None for a in args):
+        batch, tokens, heads, head_dim = out.shape
+        pairs = heads * head_dim // 2
+        if kernels.launch(kernels.rotate, (batch * tokens, kernels.cdiv(pairs, ROW_BLOCK)),
+                          *[v for a in args for v in a], tokens, pairs, HALF=head_dim // 2, BLOCK=ROW_BLOCK):
+            return
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = cos[..., 0::2]
+    sin = sin[..., 1::2]
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
