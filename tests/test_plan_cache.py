@@ -74,4 +74,4 @@ def test_the_vae_planner_answers_a_second_process_from_disk(tmp_path):
     first, second = (r.stdout.split() for r in runs)
     assert first[0] == second[0] and int(first[0]) > 0
     assert (first[1], second[1]) == ("1", "0")  # the first process replayed the decode, the second did not
-    assert list(tmp_path.glob("vae-decode-memory-*.json"))
+    assert list(tmp_path.glob("vae-decode-replay-*.json"))

@@ -704,20 +704,33 @@ def estimate_decode_memory(vae, latent_shape, grid=(1, 1), *, frame_split=True, 
 
 
 @functools.lru_cache(maxsize=256)
-@_kept_on_disk("vae-decode-memory")
-@torch.no_grad()
 def _estimate_decode(key, latent_shape, grid, frame_split, output_on_device, store_on_device, probe_frames):
+    b, c, t, h, w = latent_shape
+    global_peak, tile_peak, store_probe, out_probe, store_frame, out_frame, frames_per_latent = _replay_decode(
+        key, (b, c, min(t, probe_frames), h, w), grid, frame_split)
+    store_full = store_frame * t if store_on_device else 0
+    out_full = out_frame * (1 + (t - 1) * frames_per_latent) if output_on_device else 0
+    # the probe's store and output covered its frames; the real ones cover t (or live on the host)
+    global_phase = global_peak - store_probe + store_full
+    tile_phase = tile_peak - store_probe - out_probe + store_full + out_full
+    return max(global_phase, tile_phase), global_phase, tile_phase, store_full, out_full
+
+
+@functools.lru_cache(maxsize=256)
+@_kept_on_disk("vae-decode-replay")
+@torch.no_grad()
+def _replay_decode(key, probe_shape, grid, frame_split):
+    """The meta replay behind :func:`estimate_decode_memory`, for ``probe_shape``'s few latent frames: the peaks of
+    the global part and of the worst tile, the probe's store and output bytes, and the bytes per frame of both and
+    the output frames per latent frame, so that any frame count and buffer placement is arithmetic on it."""
     meta = _meta_vae(key)
     dtype = next(meta.parameters()).dtype
-    b, c, t, h, w = latent_shape
-    tp = min(t, probe_frames)
+    b, c, tp, h, w = probe_shape
     plan = plan_decode(meta, (h, w), grid)
     p = meta.config.patch_size or 1
     c_out = meta.decoder.conv_out.out_channels // (p * p)
     s = plan.scales[-1] * p
     item = torch.empty((), dtype=dtype).element_size()
-    store_full = b * plan.store_channels * t * h * w * item if store_on_device else 0
-    out_full = b * c_out * _frames_out(meta, t) * h * s * w * s * item if output_on_device else 0
     meta_dev = torch.device("meta")
     with _EfficientAttention(), _LiveBytes() as mem:
         z = torch.empty((b, c, tp, h, w), dtype=dtype, device=meta_dev)
@@ -732,11 +745,10 @@ def _estimate_decode(key, latent_shape, grid, frame_split, output_on_device, sto
             _decode_tile(meta, plan, tile, store, out_probe, meta_dev, frame_split)
             tile_peak = max(tile_peak, mem.peak)
         store_probe = store.numel() * item
-        out_probe_b = out_probe.numel() * item
-    # the probe's store and output covered tp frames; the real ones cover t (or live on the host)
-    global_phase = global_peak - store_probe + store_full
-    tile_phase = tile_peak - store_probe - out_probe_b + store_full + out_full
-    return max(global_phase, tile_phase), global_phase, tile_phase, store_full, out_full
+        out_probe_bytes = out_probe.numel() * item
+    store_frame = b * plan.store_channels * h * w * item
+    out_frame = b * c_out * h * s * w * s * item
+    return global_peak, tile_peak, store_probe, out_probe_bytes, store_frame, out_frame, _frames_out(meta, 2) - 1
 
 
 def estimate_encode_memory(vae, video_shape, grid=(1, 1), *, store_on_device=True, video_on_device=False,
@@ -749,22 +761,35 @@ def estimate_encode_memory(vae, video_shape, grid=(1, 1), *, store_on_device=Tru
 
 
 @functools.lru_cache(maxsize=256)
-@_kept_on_disk("vae-encode-memory")
-@torch.no_grad()
 def _estimate_encode(key, video_shape, grid, store_on_device, video_on_device, frame_split, probe_chunks):
+    b, c, f, hh, ww = video_shape
+    n = len(_chunks(f))
+    probe_frames = 1 + 4 * (min(n, probe_chunks) - 1)
+    global_peak, tile_peak, store_probe, store_chunk, item = _replay_encode(
+        key, (b, c, probe_frames, hh, ww), grid, frame_split)
+    store_full = store_chunk * n if store_on_device else 0
+    video_full = b * c * f * hh * ww * item if video_on_device else 0
+    tile_phase = tile_peak - store_probe + store_full + video_full
+    global_phase = global_peak - store_probe + store_full + video_full
+    return max(tile_phase, global_phase), global_phase, tile_phase, store_full, 0
+
+
+@functools.lru_cache(maxsize=256)
+@_kept_on_disk("vae-encode-replay")
+@torch.no_grad()
+def _replay_encode(key, probe_shape, grid, frame_split):
+    """The meta replay behind :func:`estimate_encode_memory`, for ``probe_shape``'s few frames (the video itself
+    counted as a host tensor): the peaks of the worst tile and of the global part, the probe's store bytes, the
+    store's bytes per time chunk and the element size, so that any frame count and placement is arithmetic on it."""
     meta = _meta_vae(key)
     dtype = next(meta.parameters()).dtype
-    b, c, f, hh, ww = video_shape
+    b, c, fp, hh, ww = probe_shape
     p = meta.config.patch_size or 1
     factor = plan_encode(meta, (1, 1)).factor * p
     plan = plan_encode(meta, (hh // factor, ww // factor), grid)
     h, w = plan.latent_hw
-    n = len(_chunks(f))
-    fp = 1 + 4 * (min(n, probe_chunks) - 1)
     item = torch.empty((), dtype=dtype).element_size()
     dim = meta.encoder.mid_block.dim
-    store_full = b * dim * n * h * w * item if store_on_device else 0
-    video_full = b * c * f * hh * ww * item if video_on_device else 0
     meta_dev = torch.device("meta")
     with _EfficientAttention(), _LiveBytes() as mem:
         video = torch.empty((b, c, fp, hh, ww), dtype=dtype, device=meta_dev)
@@ -789,9 +814,7 @@ def _estimate_encode(key, video_shape, grid, store_on_device, video_on_device, f
         meta.quant_conv(torch.cat(outs, dim=2))
         global_peak = mem.peak
         mem.current += video_probe  # balance the finalizer of the meta video
-    tile_phase = tile_peak - store_probe + store_full + video_full
-    global_phase = global_peak - store_probe + store_full + video_full
-    return max(tile_phase, global_phase), global_phase, tile_phase, store_full, 0
+    return global_peak, tile_peak, store_probe, b * dim * h * w * item, item
 
 
 def count_flops(vae, latent_shape, grid=(1, 1), *, encode: bool = False) -> int:
