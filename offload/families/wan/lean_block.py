@@ -12,7 +12,10 @@ tensors in the block's dtype; attention runs whole, through diffusers' own ``dis
 goes through the same operations in the same order as in diffusers' block (``transformer_wan.py``:
 ``WanTransformerBlock.forward`` and ``WanAttnProcessor``), so the output is the same bit for bit on the CPU; on a
 GPU it is as long as the kernels compute each row alike for every row count (checked on the H200 by
-``tests/test_activation_memory.py``).
+``tests/test_activation_memory.py`` and ``tests/test_lean_block.py``). On CUDA the element-wise chains - the
+modulations, the gated residuals, the rotary embedding - each run as one Triton pass with the same float32
+arithmetic (``pointwise``): with them the sliced block takes 0.93x the time of diffusers' (H200, 480p81, slices
+of 8,192 tokens) where the same block as PyTorch operations took 1.05x.
 
 Installed through diffusers' own extension points, nothing patched: a ``HookRegistry`` hook on each block (named
 :data:`HOOK_NAME`, idempotent, removable) and ``WanAttention.set_processor`` for the attention's token-wise parts
