@@ -354,6 +354,11 @@ def _encode_halo(vae) -> tuple[int, int]:
     return max(band), int(factor)
 
 
+def _pixels_per_latent(vae) -> int:
+    """Input pixels per latent pixel along a side: the encoder's downsampling times the patch size."""
+    return _encode_halo(vae)[1] * (vae.config.patch_size or 1)
+
+
 def plan_encode(vae, latent_hw, grid=(1, 1), *, halo: int | None = None) -> EncodePlan:
     """Tiles of the encoder: cores in latent pixels; inputs start on multiples of the downsampling factor, so
     every stride-2 conv sees the same pixel pairs as in the untiled pass."""
@@ -547,10 +552,9 @@ def encode_tiled(vae, video: torch.Tensor, grid=None, *, budget_bytes: int | Non
     device = video.device if device is None else torch.device(device)
     store_device = device if store_device is None else torch.device(store_device)
     b, _, f, hh, ww = video.shape
-    p = vae.config.patch_size or 1
     enc = vae.encoder
     if plan is None:
-        factor = plan_encode(vae, (1, 1)).factor * p
+        factor = _pixels_per_latent(vae)
         if hh % factor or ww % factor:
             raise ValueError(f"frame size {hh}x{ww} must be a multiple of {factor} for an exact tiled encode")
         if grid is None:
@@ -784,8 +788,7 @@ def _replay_encode(key, probe_shape, grid, frame_split):
     meta = _meta_vae(key)
     dtype = next(meta.parameters()).dtype
     b, c, fp, hh, ww = probe_shape
-    p = meta.config.patch_size or 1
-    factor = plan_encode(meta, (1, 1)).factor * p
+    factor = _pixels_per_latent(meta)
     plan = plan_encode(meta, (hh // factor, ww // factor), grid)
     h, w = plan.latent_hw
     item = torch.empty((), dtype=dtype).element_size()
@@ -850,7 +853,7 @@ def _count_flops(key, latent_shape, grid, encode):
         part = dataclasses.replace(plan, tiles=tiles)
         with FlopCounterMode(display=False) as fc:
             if encode:
-                factor = plan.factor * (meta.config.patch_size or 1)
+                factor = _pixels_per_latent(meta)
                 video = torch.empty((b, meta.config.in_channels // (meta.config.patch_size or 1) ** 2,
                                      1 + 4 * (frames - 1), h * factor, w * factor), dtype=dtype, device="meta")
                 encode_tiled(meta, video, plan=part)
@@ -887,15 +890,19 @@ and the margin covers integer effects. A candidate is only ever *chosen* after a
 
 
 def _choose(h: int, w: int, estimate, budget: int) -> tuple[int, int]:
-    """Cheapest grid whose ``estimate(grid)`` (a :class:`MemoryEstimate`) has a peak within ``budget``. Memory only grows with the tile size, so a grid whose
-    tiles are no smaller than those of a grid that did not fit is skipped, if the finest grid does not fit nothing
-    does, and a grid that the replays so far predict to be far over the budget is skipped
-    (:data:`SKIP_PREDICTED_OVER`)."""
+    """Cheapest grid whose ``estimate(grid)`` (a :class:`MemoryEstimate`) has a peak within ``budget``. Memory only
+    grows with the tile size, so a grid whose tiles are no smaller than those of a grid that did not fit is skipped,
+    if the finest grid does not fit nothing does, and a grid that the replays so far predict to be far over the
+    budget is skipped (:data:`SKIP_PREDICTED_OVER`)."""
     grids = _grids(h, w)
     finest = max(grids, key=lambda g: (g[0] * g[1], -abs(h / g[0] - w / g[1])))
 
+    def tile_of(g: tuple[int, int]) -> tuple[int, int]:
+        return -(-h // g[0]), -(-w // g[1])
+
     def area(g: tuple[int, int]) -> int:
-        return -(-h // g[0]) * -(-w // g[1])
+        rows, cols = tile_of(g)
+        return rows * cols
 
     seen: dict[int, int] = {}  # tile area -> tile phase peak, of the grids replayed
 
@@ -919,7 +926,7 @@ def _choose(h: int, w: int, estimate, budget: int) -> tuple[int, int]:
                           "and the store on the CPU (output_device='cpu', store_device='cpu')")
     too_big = []
     for g in grids:
-        tile = (-(-h // g[0]), -(-w // g[1]))
+        tile = tile_of(g)
         if any(tile[0] >= a and tile[1] >= b for a, b in too_big):
             continue
         guess = predicted(g) if len(seen) >= 2 else None
@@ -988,8 +995,7 @@ def choose_decode_tiling(vae, latent_shape, budget_bytes: int, *, output_on_devi
 
 def choose_encode_grid(vae, video_shape, budget_bytes: int, *, store_on_device=True, frame_split=True) -> tuple[int, int]:
     """Cheapest encoder grid whose estimated activation peak (weights excluded) fits ``budget_bytes``."""
-    p = vae.config.patch_size or 1
-    factor = plan_encode(vae, (1, 1)).factor * p
+    factor = _pixels_per_latent(vae)
     h, w = video_shape[-2] // factor, video_shape[-1] // factor
     return _choose(h, w, lambda g: estimate_encode_memory(
         vae, video_shape, g, store_on_device=store_on_device, frame_split=frame_split), budget_bytes)
@@ -999,8 +1005,7 @@ def choose_encode_tiling(vae, video_shape, budget_bytes: int, *, store_on_device
     """The fastest encode tiling that fits ``budget_bytes``, by the same model as the decode's
     (:func:`_fastest_tiling`; the encoder's halo is 9 latent px, so a 2x2 grid at 480x832 is 1.51x the untiled
     FLOPs and 1x2 1.17x)."""
-    p = vae.config.patch_size or 1
-    factor = plan_encode(vae, (1, 1)).factor * p
+    factor = _pixels_per_latent(vae)
     latent = (1, 1, 1 + (video_shape[2] - 1) // 4, video_shape[-2] // factor, video_shape[-1] // factor)
     return _fastest_tiling(
         lambda split: choose_encode_grid(vae, video_shape, budget_bytes, store_on_device=store_on_device,
