@@ -53,49 +53,15 @@ class _Kernels:
 
 @functools.cache
 def _kernels() -> _Kernels | None:
-    """The Triton kernels, defined once per process (each ``triton.jit`` function keeps its own compile cache); None
-    where Triton is not installed."""
+    """The Triton kernels (``pointwise_kernels``), imported once per process; None where Triton is not installed."""
     try:
         import triton
-        import triton.language as tl
+
+        from . import pointwise_kernels
     except ImportError:
         log.info("Triton is not installed: the Wan block's element-wise steps run as PyTorch operations")
         return None
-
-    @triton.jit
-    def piece(tokens, width, BLOCK: tl.constexpr):
-        """This program's (batch, token) row and its BLOCK columns (of ``width``) in a (batch x tokens, pieces) grid."""
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        return row // tokens, row % tokens, cols, cols < width
-
-    @triton.jit
-    def rows(first, f_b, f_t, second, s_b, s_t, third, t_b, t_t, out, o_b, o_t, tokens, dim,
-             RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-        """first * second + third (a modulation) or, with RESIDUAL, first + second * third (a gated residual)."""
-        b, t, cols, mask = piece(tokens, dim, BLOCK)
-        a = tl.load(first + b * f_b + t * f_t + cols, mask=mask).to(tl.float32)
-        x = tl.load(second + b * s_b + t * s_t + cols, mask=mask).to(tl.float32)
-        y = tl.load(third + b * t_b + t * t_t + cols, mask=mask).to(tl.float32)
-        value = a + x * y if RESIDUAL else a * x + y
-        value = value.to(out.dtype.element_ty, fp_downcast_rounding="rtne")
-        tl.store(out + b * o_b + t * o_t + cols, value, mask=mask)
-
-    @triton.jit
-    def rotate(x, x_b, x_t, cos, c_b, c_t, sin, s_b, s_t, out, o_b, o_t, tokens, pairs,
-               HALF: tl.constexpr, BLOCK: tl.constexpr):
-        b, t, pair, mask = piece(tokens, pairs, BLOCK)
-        freq = 2 * (pair % HALF)  # diffusers takes cos[..., 0::2] and sin[..., 1::2] of each head's frequencies
-        x1 = tl.load(x + b * x_b + t * x_t + 2 * pair, mask=mask).to(tl.float32)
-        x2 = tl.load(x + b * x_b + t * x_t + 2 * pair + 1, mask=mask).to(tl.float32)
-        c = tl.load(cos + b * c_b + t * c_t + freq, mask=mask).to(tl.float32)
-        s = tl.load(sin + b * s_b + t * s_t + freq + 1, mask=mask).to(tl.float32)
-        even = (x1 * c - x2 * s).to(out.dtype.element_ty, fp_downcast_rounding="rtne")
-        odd = (x1 * s + x2 * c).to(out.dtype.element_ty, fp_downcast_rounding="rtne")
-        tl.store(out + b * o_b + t * o_t + 2 * pair, even, mask=mask)
-        tl.store(out + b * o_b + t * o_t + 2 * pair + 1, odd, mask=mask)
-
-    return _Kernels(rows, rotate, triton.cdiv)
+    return _Kernels(pointwise_kernels.rows, pointwise_kernels.rotate, triton.cdiv)
 
 
 def _fused(out: torch.Tensor, enabled: bool):
