@@ -27,7 +27,9 @@ What it does, for any model whose blocks are an ``nn.ModuleList`` of identically
   no host copy in the compute dtype); resident blocks and tensors outside the blocks are widened once, at
   placement. The same code with ``device="cpu"`` computes on the CPU from fp8 storage.
 - Host-RAM budget: ``max_pinned_bytes`` page-locks only the first whole blocks of the arena; the rest stays
-  pageable and still streams (each copy from it then blocks the host for its duration).
+  pageable and still streams (each copy from it then blocks the host for its duration). On a CPU device,
+  ``host_copy=False`` keeps no arena of the blocks at all: each block is read from its file just before it runs
+  (the OS page cache, which the kernel may reclaim, holds the file instead of the process).
 - Experts: offloaders given one ``shared_slots`` (a model's DiTs that take turns, Wan2.2 A14B's two experts) stream
   through one set of slots, and ``hand_over`` makes the last forward of one prefetch the next one's first blocks
   instead of its own (``slot_sharing``): one expert's slots on the device, no stall at the switch.
@@ -144,6 +146,18 @@ def _check_options(pin_cpu_memory: bool, prefetch_depth: int, resident_blocks: i
     option_spec("resident_blocks").validate(resident_blocks)
 
 
+def _check_file_backed(device: torch.device, weights: WeightSource | None, resident_blocks) -> None:
+    """``host_copy=False`` reads each block into one host buffer right before its (synchronous) load: only a CPU
+    device loads synchronously, only a file can be read again, and a resident block would need a copy of its own."""
+    if device.type != "cpu":
+        raise ValueError("host_copy=False is for a CPU device: a GPU copy may still read the buffer the next block "
+                         "would be read into")
+    if weights is None:
+        raise ValueError("host_copy=False needs weights to read the blocks from (their files)")
+    if resident_blocks != 0:
+        raise ValueError(f"host_copy=False keeps no block resident; got resident_blocks={resident_blocks!r}")
+
+
 def _to(value, device: torch.device):
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -182,6 +196,7 @@ class LayerwiseOffloader:
         host_modules: tuple[str, ...] = (),
         max_pinned_bytes: int | None = None,
         shared_slots: SharedSlots | None = None,
+        host_copy: bool = True,
     ):
         """Adopt ``model``: lay its blocks out in host memory, move everything else to ``device``, install hooks.
 
@@ -198,9 +213,17 @@ class LayerwiseOffloader:
 
         ``shared_slots``: stream through slots shared with other offloaders that take turns with this one (the
         experts of one model: ``slot_sharing``), instead of slots of its own.
+
+        ``host_copy=False`` (a CPU device, with ``weights``): no host copy of the blocks; each block is read from
+        ``weights`` into one block-sized buffer just before it runs, so host memory holds one block instead of all
+        of them - for a text encoder computed on the CPU when RAM is short (a 4.6 GB fp8 UMT5-XXL then costs one
+        280 MB block, and re-reading it from the page cache costs about a second per encode). The offloader then
+        owns ``weights`` and closes it when it is closed.
         """
         _check_options(pin_cpu_memory, prefetch_depth, resident_blocks)
         self.device = _resolve_device(device)
+        if not host_copy:
+            _check_file_backed(self.device, weights, resident_blocks)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             raise ValueError(f"blocks must be a non-empty nn.ModuleList, got {type(blocks).__name__}")
         blocks_name = next((name for name, m in model.named_modules() if m is blocks), None)
@@ -217,6 +240,12 @@ class LayerwiseOffloader:
         check_ownership(self.model, self._blocks_name, refs, weights is not None)
         num_blocks = len(blocks)
         formats = stored_formats(self._blocks_name, refs, weights)
+        if not host_copy:
+            # A tensor not in the files (a buffer computed at construction) would have nowhere to come back from.
+            absent = [f"{blocks_name}.{i}.{ref.name}" for i, block_refs in enumerate(refs) for ref in block_refs
+                      if f"{blocks_name}.{i}.{ref.name}" not in weights]
+            if absent:
+                raise ValueError(f"host_copy=False needs every block tensor in the files; not there: {absent[:4]}")
         self.staged: StagedLayout | None = StagedLayout.of(self.layout, formats[0]) if formats else None
         """The blocks' stored layout and how it is widened, when they are kept narrower than they compute."""
         host_layout = self.staged.stored if self.staged else self.layout
@@ -249,26 +278,40 @@ class LayerwiseOffloader:
         self._patches: PatchSet = NO_PATCHES
         self._patcher: BlockPatcher | None = None
         self._side_paths: LinearSidePaths | None = None
+        self._reader: tuple[list[list[TensorRef]], WeightSource, list | None] | None = None
+        """With ``host_copy=False``: the blocks' tensor refs, their source and stored formats, read per block."""
+        self._read_index = -1
+        """The block whose bytes the one host buffer holds now (``host_copy=False``)."""
+        self._weights_owned = None if host_copy else weights
 
         # Build host views and GPU copies outside inference mode, so they are ordinary tensors whatever the caller's
         # mode (ComfyUI loads models inside torch.inference_mode()).
         pin_bytes = None if max_pinned_bytes is None else max(0, max_pinned_bytes) // nbytes * nbytes
+        host_blocks = num_blocks if host_copy else 1
         with torch.inference_mode(False), torch.no_grad():
-            self._arena = HostArena(nbytes * num_blocks, pin=pin_cpu_memory, pin_bytes=pin_bytes)
+            self._arena = HostArena(nbytes * host_blocks, pin=pin_cpu_memory and host_copy, pin_bytes=pin_bytes)
         # Unpin even if the offloader is dropped without close(); must not reference self. Not at interpreter exit:
         # the CUDA context may be gone by then, and the process's memory goes with it anyway.
         self._finalizer = weakref.finalize(self, HostArena.release, self._arena)
         self._finalizer.atexit = False
         try:
             with torch.inference_mode(False), torch.no_grad():
-                self._host_flat = [self._arena.buffer[i * nbytes : (i + 1) * nbytes] for i in range(num_blocks)]
+                # Without a host copy every block's "host bytes" are the one buffer, refilled before each load.
+                self._host_flat = [self._arena.buffer[(i % host_blocks) * nbytes : (i % host_blocks + 1) * nbytes]
+                                   for i in range(num_blocks)]
                 self._host_views = [[s.view_into(flat) for s in host_layout.slots] for flat in self._host_flat]
                 # What each block's tensors point at between forwards: their host copy, or (stored narrow) the
                 # host copy where the dtype is the compute dtype and a zero-memory placeholder where it is not.
                 self._resting_views = (
                     [self.staged.resting_views(flat) for flat in self._host_flat] if self.staged else self._host_views
                 )
-                self._fill_host_copies(refs, weights, formats)
+                if host_copy:
+                    self._fill_host_copies(refs, weights, formats)
+                else:
+                    self._reader = (refs, weights, formats)
+                    for i, block_refs in enumerate(refs):
+                        for ref, view in zip(block_refs, self._resting_views[i]):
+                            ref.rebind(view)
                 self._fill_host_modules(weights)
                 # Identities after rebinding, which replaces meta tensors with new objects.
                 block_ids = {id(ref.get()) for block_refs in refs for ref in block_refs}
@@ -324,23 +367,37 @@ class LayerwiseOffloader:
     def _fill_host_copies(
         self, refs: list[list[TensorRef]], weights: WeightSource | None, formats: list[list[StoredFormat | None]] | None
     ) -> None:
-        fill = weights or _copy_current
-        fill_many = getattr(weights, "fill_many", None)
         for i, block_refs in enumerate(refs):
-            prefix = f"{self._blocks_name}.{i}."
-            # Stored narrow: the views have the stored dtypes, and the source writes the stored bytes as they are.
-            items = [(prefix + ref.name, ref.get(), view) for ref, view in zip(block_refs, self._host_views[i])]
-            if fill_many is not None:
-                fill_many(items)  # e.g. concurrent file reads
-            else:
-                for item in items:
-                    fill(*item)
-            if self.staged is not None:
-                self.staged.fill_scales(self._host_flat[i], formats[i])
+            self._write_host_block(i, block_refs, weights, formats)
             # Block by block, so an adopted model's own CPU copy is released as the arena fills: host memory peaks
             # at one model plus one block, not two models.
             for ref, view in zip(block_refs, self._resting_views[i]):
                 ref.rebind(view)
+
+    def _write_host_block(
+        self, i: int, block_refs: list[TensorRef], weights: WeightSource | None, formats: list | None
+    ) -> None:
+        """Write block ``i``'s values (stored narrow: its stored bytes and scales) into its host bytes."""
+        prefix = f"{self._blocks_name}.{i}."
+        # Stored narrow: the views have the stored dtypes, and the source writes the stored bytes as they are.
+        items = [(prefix + ref.name, ref.get(), view) for ref, view in zip(block_refs, self._host_views[i])]
+        fill_many = getattr(weights, "fill_many", None)
+        if fill_many is not None:
+            fill_many(items)  # e.g. concurrent file reads
+        else:
+            for item in items:
+                (weights or _copy_current)(*item)
+        if self.staged is not None:
+            self.staged.fill_scales(self._host_flat[i], formats[i])
+
+    def _read_block(self, index: int) -> None:
+        """``host_copy=False``: bring block ``index``'s bytes from its file into the one host buffer. Loads are
+        synchronous on a CPU device, so the buffer is free again once the previous block's load returned."""
+        if self._read_index != index:
+            refs, weights, formats = self._reader
+            self._read_index = -1  # a failed read leaves no block claimed
+            self._write_host_block(index, refs[index], weights, formats)
+            self._read_index = index
 
     def _fill_host_modules(self, weights: WeightSource | None) -> None:
         """Host modules of a model built on the meta device get host memory filled from ``weights`` (widened, if
@@ -558,6 +615,8 @@ class LayerwiseOffloader:
             transform = None
             if self._patcher is not None:
                 transform = functools.partial(self._patcher.apply, index, self._slot_views[slot])
+            if self._reader is not None:
+                self._read_block(index)
             slots.load(slot, self._host_flat[index], transform)
             queue.append((position, slot))
             self._next_issue = (position + 1) % limit
@@ -796,6 +855,11 @@ class LayerwiseOffloader:
         self._apply_placement(self._resident_mask)
 
     @property
+    def host_copy(self) -> bool:
+        """Whether host memory holds every block (False: each is read from its file as it runs)."""
+        return self._reader is None
+
+    @property
     def released(self) -> bool:
         return self._released
 
@@ -845,6 +909,9 @@ class LayerwiseOffloader:
         self._position = [-1] * len(self.blocks)
         self._non_block = []
         self._free_device_memory()
+        if self._weights_owned is not None and hasattr(self._weights_owned, "close"):
+            self._weights_owned.close()
+        self._weights_owned = self._reader = None
         logger.info(
             "layerwise offload of %s.%s closed; the model is back on the CPU",
             type(self.model).__name__,

@@ -28,6 +28,7 @@ from ..dtypes import resolve_precision
 from ..errors import OffloadOutOfMemoryError
 from .auto_offload import config_at_level, describe, levels_for
 from .devices import default_device, resolve_device  # noqa: F401 - default_device stays importable from here
+from . import host_memory
 from .host_memory import default_pin_limit
 from .layerwise import LayerwiseOffloader
 from .loaded_model import LoadedModel
@@ -222,15 +223,14 @@ class OffloadManager:
         cpu_offload = getattr(config, OFFLOAD_OPTION_OF_ROLE[role])
         if role is Role.TEXT_ENCODER and cpu_offload:
             self._log_once(f"{model.name}/{name}: weights and compute on CPU (text_encoder_cpu_offload)")
-            streamed = model.resources.offloaders.get(name)
-            if streamed is not None and streamed.device.type != "cpu":
-                model.resources.drop_layerwise(name)  # streamed through the device before
             placer = model.resources.placers.get(name)
             if placer is not None:
                 placer.to_host()
-            if model.source.narrow_weights(name):
-                module = self._streamed_on_cpu(model, name)
+            short = self.host_short(model, config)
+            if model.source.narrow_weights(name) or short:
+                module = self._streamed_on_cpu(model, name, host_copy=not short)
             else:
+                model.resources.drop_layerwise(name)  # streamed (through the device, or from its file) before
                 module = self.component(model, name)
             self._record(model, name, Placement.HOST_PAGEABLE, "cpu")
             yield module, torch.device("cpu")
@@ -255,6 +255,8 @@ class OffloadManager:
             finally:
                 if cpu_offload:
                     placer.to_host()
+                    if role is Role.IMAGE_ENCODER and self.host_short(model, config):
+                        self._let_go(model, name, "until the next start image")
                 elif role is Role.TEXT_ENCODER and not self._memory_allows_keeping(placer.nbytes):
                     placer.to_host()
                     logger.info(
@@ -356,32 +358,104 @@ class OffloadManager:
         )
         return offloader.model
 
-    def _streamed_on_cpu(self, model: LoadedModel, name: str) -> nn.Module:
-        """A component stored narrow (an fp8 text encoder), computed on the CPU: its blocks stay fp8 in host memory
-        and each is widened into a CPU slot just before it runs - the layerwise pipeline with ``device="cpu"`` - so
-        host memory holds about one byte per parameter instead of two or four."""
+    def _streamed_on_cpu(self, model: LoadedModel, name: str, host_copy: bool = True) -> nn.Module:
+        """A text encoder computed on the CPU block by block - the layerwise pipeline with ``device="cpu"`` - for two
+        reasons. Stored narrow (fp8): its blocks stay fp8 in host memory and each is widened into a CPU slot just
+        before it runs, so host memory holds about one byte per parameter instead of two or four. Short of host
+        memory (``host_copy=False``, see :meth:`host_short`): its blocks are not held at all but read from the file
+        as they run, so the process holds one block and the OS page cache, which the kernel may reclaim, the rest."""
         resources = model.resources
+        key = ("cpu", host_copy)
         offloader = resources.offloaders.get(name)
-        if offloader is not None and offloader.device.type == "cpu":
+        if offloader is not None and resources.offloader_keys.get(name) == key:
             return offloader.model
         resources.drop_layerwise(name)
+        placer = resources.placers.pop(name, None)
+        if placer is not None:
+            placer.close()  # a whole copy placed before: the blocks now come from the file
         component = model.spec.component(name)
         dtype = model.dtypes.get(name)
-        with model.source.weights(component, dtype) as weights:
+        model.components.pop(name, None)  # a whole copy loaded before goes before the blocks are read
+        weights = model.source.weights(component, dtype)
+        try:
             module = model.source.empty_model(component, dtype)
             weights.apply_dtypes(module)
             _, blocks = find_block_list(module)
-            offloader = LayerwiseOffloader(module, blocks, torch.device("cpu"), pin_cpu_memory=False, weights=weights)
+            offloader = LayerwiseOffloader(module, blocks, torch.device("cpu"), pin_cpu_memory=False, weights=weights,
+                                           host_copy=host_copy)
+        except BaseException:
+            weights.close()
+            raise
+        if host_copy:
+            weights.close()  # without a host copy the offloader keeps reading it, and closes it
         module.requires_grad_(False)
-        model.components.pop(name, None)
-        resources.offloaders[name], resources.offloader_keys[name] = offloader, ("cpu",)
+        resources.offloaders[name], resources.offloader_keys[name] = offloader, key
         stats = offloader.stats()
-        logger.info(
-            "%s/%s: computed on the CPU from its stored form: %d blocks, %.2f GiB in host memory, each widened to "
-            "%.1f MiB just before it runs", model.name, name, stats.num_blocks, stats.host_bytes / 2**30,
-            stats.device_block_bytes / 2**20,
-        )
+        if host_copy:
+            logger.info(
+                "%s/%s: computed on the CPU from its stored form: %d blocks, %.2f GiB in host memory, each widened to "
+                "%.1f MiB just before it runs", model.name, name, stats.num_blocks, stats.host_bytes / 2**30,
+                stats.device_block_bytes / 2**20,
+            )
+        else:
+            logger.info(
+                "%s/%s: computed on the CPU with its %d blocks read from the file as they run (held whole, the weights "
+                "would exceed max_host_memory_gb): %.2f GiB held, the rest left to the OS file cache",
+                model.name, name, stats.num_blocks, (stats.host_bytes + stats.non_block_bytes) / 2**30,
+            )
         return offloader.model
+
+    # ------------------------------------------------------------------ host memory
+
+    def host_limit(self, config: OffloadConfig) -> int:
+        """Bytes the weights may hold in host memory, all models together (``max_host_memory_gb``; "auto":
+        ``host_memory.HOST_SHARE_OF_RAM`` of RAM)."""
+        if config.max_host_memory_gb == "auto":
+            return host_memory.default_host_limit()
+        return config.max_host_memory_gb * 2**30
+
+    def host_short(self, model: LoadedModel, config: OffloadConfig) -> bool:
+        """Whether ``model``'s weights, each component held whole in host memory (those not loaded yet at their
+        stored size), and what the other models hold now, would exceed :meth:`host_limit`. Then the encoders,
+        used once per prompt or image, are not held between uses. Counting the components not loaded yet keeps the
+        answer the same from the first encode on (it does not flip once the DiT is loaded)."""
+        needed = 0
+        for component in model.spec.components:
+            if component.role.has_weights and model.source.has(component.name):
+                needed += max(model.source.weight_bytes(component.name), self._held_bytes(model, component.name))
+        needed += sum(self._held_bytes(other, name) for other in self.models() if other is not model
+                      for name in {*other.components, *other.resources.offloaders, *other.resources.placers})
+        limit = self.host_limit(config)
+        if needed > limit:
+            self._log_once(
+                f"{model.name}: its weights ({needed / 2**30:.1f} GiB with the other models') exceed "
+                f"max_host_memory_gb ({limit / 2**30:.1f} GiB): the encoders are not held between uses"
+            )
+        return needed > limit
+
+    def _held_bytes(self, model: LoadedModel, name: str) -> int:
+        """Host bytes component ``name`` holds now."""
+        placer = model.resources.placers.get(name)
+        if placer is not None:
+            return placer.nbytes
+        offloader = model.resources.offloaders.get(name)
+        if offloader is not None:
+            stats = offloader.stats()
+            return stats.host_bytes + (stats.non_block_bytes if offloader.device.type == "cpu" else 0)
+        obj = model.components.get(name)
+        return tensor_bytes(obj) if isinstance(obj, nn.Module) else 0
+
+    def _let_go(self, model: LoadedModel, name: str, until: str) -> None:
+        """Drop component ``name``'s host copy (it is read from its file again when next used)."""
+        nbytes = self._held_bytes(model, name)
+        placer = model.resources.placers.pop(name, None)
+        if placer is not None:
+            placer.close()
+        model.resources.drop_layerwise(name)
+        model.components.pop(name, None)
+        host_memory.return_freed_memory()
+        logger.info("%s/%s: let go of its host copy (%.2f GiB) %s: the weights would exceed max_host_memory_gb",
+                    model.name, name, nbytes / 2**30, until)
 
     def prefetch_next_dit(self, model: LoadedModel, current: str, following: str, forwards: int) -> None:
         """The denoising loop's notice, before the last step of DiT ``current``: ``following`` runs next, after
@@ -486,7 +560,7 @@ class OffloadManager:
                 if offloader is not None:
                     placement = Placement.LAYERWISE
                     stats = offloader.stats()
-                    if stats.stored_narrow:  # what it holds: its blocks as stored, the rest widened
+                    if stats.stored_narrow or not offloader.host_copy:  # what it holds: blocks as stored (or one)
                         nbytes = stats.host_bytes + stats.non_block_bytes
                 elif placer is not None:
                     placement = placer.placement
