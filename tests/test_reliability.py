@@ -29,7 +29,7 @@ SIZES = dict(height=64, width=96, num_frames=9, num_inference_steps=2)
 DOC = REPO_ROOT / "docs" / "reliability.md"
 
 
-DOCUMENTED_ROWS = 84
+DOCUMENTED_ROWS = 86
 """The hostile-input table's row count: a deleted (or unparseable) row fails here instead of silently not running."""
 
 
@@ -83,6 +83,7 @@ def node_env(tiny_t2v, tmp_path_factory):
             vae_cpu_offload=True, pin_cpu_memory=True, text_encoder_layerwise_offload=False, vae_tiling="auto",
             dit_activation_chunking="auto", prefetch_depth=1, resident_blocks=0, auto_resident_blocks=False,
             auto_offload=False, max_pinned_memory_gb=8, auto_max_pinned_memory_gb=False,
+            max_host_memory_gb=16, auto_max_host_memory_gb=False,
         ),
         "VideoOffloadEncodePrompt": dict(model=model, prompt="a cat", negative_prompt=""),
         "VideoOffloadLoadLoRA": dict(model=model, lora_name="not_a_lora.safetensors", strength=1.0, expert="all"),
