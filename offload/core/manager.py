@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import OffloadConfig, Precision
 from ..dtypes import resolve_precision
-from ..errors import OffloadOutOfMemoryError
+from ..errors import ModelLoadError, OffloadOutOfMemoryError
 from .auto_offload import config_at_level, describe, levels_for
 from .devices import default_device, resolve_device  # noqa: F401 - default_device stays importable from here
 from . import host_memory
@@ -226,7 +226,7 @@ class OffloadManager:
             placer = model.resources.placers.get(name)
             if placer is not None:
                 placer.to_host()
-            short = self.host_short(model, config)
+            short = self.host_short(model, config) and self._stored_bytes(model, name) > 0
             if model.source.narrow_weights(name) or short:
                 module = self._streamed_on_cpu(model, name, host_copy=not short)
             else:
@@ -243,6 +243,16 @@ class OffloadManager:
                     yield module, self.device
                 finally:
                     model.resources.offloaders[name].release_device()
+            return
+        if (role is Role.IMAGE_ENCODER and cpu_offload and name not in model.components
+                and self.host_short(model, config)):
+            with self._lock, oom_guard(f"{name} on {self.device}", config, self.device):
+                module = self._read_to_device(model, name)
+                self._record(model, name, Placement.GPU, self.device)
+                try:
+                    yield module, self.device
+                finally:
+                    module.to("meta")  # its device memory goes now, whoever still holds the module
             return
         module = self.component(model, name)
         model.resources.drop_layerwise(name)
@@ -422,7 +432,7 @@ class OffloadManager:
         needed = 0
         for component in model.spec.components:
             if component.role.has_weights and model.source.has(component.name):
-                needed += max(model.source.weight_bytes(component.name), self._held_bytes(model, component.name))
+                needed += max(self._stored_bytes(model, component.name), self._held_bytes(model, component.name))
         needed += sum(self._held_bytes(other, name) for other in self.models() if other is not model
                       for name in {*other.components, *other.resources.offloaders, *other.resources.placers})
         limit = self.host_limit(config)
@@ -432,6 +442,30 @@ class OffloadManager:
                 f"max_host_memory_gb ({limit / 2**30:.1f} GiB): the encoders are not held between uses"
             )
         return needed > limit
+
+    def _read_to_device(self, model: LoadedModel, name: str) -> nn.Module:
+        """Component ``name`` read from its files straight into device memory, one tensor at a time through host
+        memory: no host copy of it is ever made (short of host memory, an image encoder used once per image;
+        reading it again from the OS file cache costs about what copying a held host copy would)."""
+        from ..weights.tensor_source import load_whole
+
+        component = model.spec.component(name)
+        dtype = model.dtypes.get(name)
+        with model.source.weights(component, dtype) as weights:
+            module = model.source.empty_model(component, dtype)
+            weights.apply_dtypes(module)
+            load_whole(module, weights, self.device)
+        self._log_once(f"{model.name}/{name}: read from its file onto {self.device} for each use, never held in host "
+                       "memory (the weights would exceed max_host_memory_gb)")
+        return module
+
+    @staticmethod
+    def _stored_bytes(model: LoadedModel, name: str) -> int:
+        """Bytes of component ``name`` in its files; 0 when it has none (a component handed over in memory)."""
+        try:
+            return model.source.weight_bytes(name)
+        except ModelLoadError:
+            return 0
 
     def _held_bytes(self, model: LoadedModel, name: str) -> int:
         """Host bytes component ``name`` holds now."""

@@ -150,9 +150,10 @@ def keep_in_fp32_modules(model_cls: type, dtype: torch.dtype | None) -> list[str
     return list(getattr(model_cls, "_keep_in_fp32_modules", None) or [])
 
 
-def load_whole(model: nn.Module, weights: SafetensorsWeights) -> nn.Module:
-    """Give every meta tensor of ``model`` (after ``weights.apply_dtypes``) host memory filled from ``weights``: the
-    whole module in host memory, narrow tensors widened. Reads concurrently; returns the module (eval, no grad)."""
+def load_whole(model: nn.Module, weights: SafetensorsWeights, device: torch.device | str = "cpu") -> nn.Module:
+    """Give every meta tensor of ``model`` (after ``weights.apply_dtypes``) memory on ``device`` filled from
+    ``weights``: the whole module in host memory (or straight on a GPU, each tensor passing through host memory
+    alone), narrow tensors widened. Reads concurrently; returns the module (eval, no grad)."""
     groups: dict[int, list] = {}
     for ref in tensor_refs(model, unique=False):  # a tied tensor under every name it has, filled once
         groups.setdefault(id(ref.get()), []).append(ref)
@@ -163,7 +164,7 @@ def load_whole(model: nn.Module, weights: SafetensorsWeights) -> nn.Module:
         for refs in groups.values():
             tensor = refs[0].get()
             if tensor.is_meta:
-                dest = torch.empty(tensor.shape, dtype=tensor.dtype)
+                dest = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
                 items.append((refs[0].name, tensor, dest))
                 registered = refs[0].rebind(dest)
                 for ref in refs[1:]:  # the same object under every name, as the tie had it
