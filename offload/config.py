@@ -143,8 +143,8 @@ class OffloadConfig:
     max_host_memory_gb: int | Literal["auto"] = option(
         "auto", "The most host memory, in GiB, the weights may hold, all models together. When a model's weights "
                 "would take more, the text encoder computed on the CPU is read from its file block by block as it "
-                "runs instead of being held, and the image encoder is let go after each encode. \"auto\": 60% of "
-                "the machine's RAM.",
+                "runs instead of being held, and the image encoder is read from its file onto the GPU for each "
+                "encode. \"auto\": 60% of the machine's RAM.",
         low=0, high=4096, fix='use "auto", or a number of GiB well below your RAM', auto=True,
         cost="Short of it, a new prompt takes about a second more to encode (UMT5-XXL re-read from the OS file "
              "cache) and a new start image about half a second more; a 32 GB machine keeps 4.6 GB (fp8 UMT5) to 9 GB "

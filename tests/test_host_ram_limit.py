@@ -1,6 +1,6 @@
 """``max_host_memory_gb``: when a model's weights would hold more host memory than the limit, the text encoder
 computed on the CPU is read from its file block by block as it runs (the process holds one block) and the image
-encoder is let go after each encode (read again for the next image). What a user cares about: the same frames,
+encoder is read from its file onto the device for each encode, never held in host memory. What a user cares about: the same frames,
 and the host copies really gone - asserted on where the blocks are read from and what the manager still holds."""
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_short_of_host_memory_the_fp8_text_encoder_streams_from_its_file(single_
     assert read.stats().stored_narrow and read.stats().host_bytes == held.stats().block_bytes  # fp8, one block
 
 
-def test_short_of_host_memory_the_image_encoder_is_let_go_after_each_encode(tiny_i2v, start_image):
+def test_short_of_host_memory_the_image_encoder_is_never_held_in_host_memory(tiny_i2v, start_image):
     roomy, expected = generate(tiny_i2v, image=start_image)
     assert "image_encoder" in roomy.model.components  # kept in host memory for the next image
     short, frames = generate(tiny_i2v, image=start_image, max_host_memory_gb=0)
