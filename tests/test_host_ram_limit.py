@@ -149,3 +149,25 @@ def test_short_of_host_memory_the_image_encoder_is_never_held_in_host_memory(tin
     assert np.array_equal(again_short, again)
     roomy.shutdown()
     short.shutdown()
+
+
+@pytest.mark.gpu
+def test_gpu_short_of_host_memory_the_encoders_run_from_their_files_with_the_same_frames(tiny_i2v, start_image):
+    """On CUDA: the image encoder read from its file straight onto the GPU (every tensor there, the buffers its
+    constructor computed included) and the text encoder from its file on the CPU give the roomy run's frames."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA; run on the device machine")
+
+    def run(**options):
+        generator = VideoGenerator.from_pretrained(tiny_i2v, precision="float32", device="cuda", **options)
+        frames = generator.generate_video("a lion", negative_prompt="blurry", image=start_image, seed=5, **SIZES)
+        return generator, frames
+
+    roomy, expected = run()
+    short, frames = run(max_host_memory_gb=0)
+    assert np.array_equal(frames, expected)
+    assert "image_encoder" not in short.model.components and "image_encoder" not in short.model.resources.placers
+    assert any(r.component == "image_encoder" and r.device.startswith("cuda") for r in short.manager.history)
+    assert not short.manager.offloader(short.model, "text_encoder").host_copy
+    roomy.shutdown()
+    short.shutdown()

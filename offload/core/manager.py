@@ -455,6 +455,7 @@ class OffloadManager:
             module = model.source.empty_model(component, dtype)
             weights.apply_dtypes(module)
             load_whole(module, weights, self.device)
+        module.to(self.device)  # the buffers computed at construction (CLIP's position ids) are not in the files
         self._log_once(f"{model.name}/{name}: read from its file onto {self.device} for each use, never held in host "
                        "memory (the weights would exceed max_host_memory_gb)")
         return module
