@@ -36,7 +36,7 @@ from .memory_guard import BudgetExceeded, available_device_bytes, oom_guard
 from .placement import ModulePlacer, Placement
 from .private_memory import detach_from_files
 from .spec import ModelSource, ModelSpec, Role, find_block_list
-from .tensors import tensor_bytes
+from .tensors import materialize, tensor_bytes
 from .weight_patches import PatchSet
 
 logger = logging.getLogger(__name__)
@@ -447,14 +447,12 @@ class OffloadManager:
         """Component ``name`` read from its files straight into device memory, one tensor at a time through host
         memory: no host copy of it is ever made (short of host memory, an image encoder used once per image;
         reading it again from the OS file cache costs about what copying a held host copy would)."""
-        from ..weights.tensor_source import load_whole
-
         component = model.spec.component(name)
         dtype = model.dtypes.get(name)
         with model.source.weights(component, dtype) as weights:
             module = model.source.empty_model(component, dtype)
             weights.apply_dtypes(module)
-            load_whole(module, weights, self.device)
+            materialize(module, weights.fill_many, self.device)
         module.to(self.device)  # the buffers computed at construction (CLIP's position ids) are not in the files
         self._log_once(f"{model.name}/{name}: read from its file onto {self.device} for each use, never held in host "
                        "memory (the weights would exceed max_host_memory_gb)")

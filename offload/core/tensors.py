@@ -83,3 +83,27 @@ def rebind_named(module: nn.Module, name: str, new: torch.Tensor) -> torch.Tenso
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     return rebind(owner, attr, attr in owner._parameters, new)
+
+
+def materialize(module: nn.Module, fill_many, device: torch.device | str = "cpu") -> nn.Module:
+    """Give every meta tensor of ``module`` memory on ``device`` and fill it with ``fill_many(items)`` (a weight
+    source's batch fill: ``(name, current, dest)`` triples); a tensor tied under several names is filled once and
+    stays shared. Loading a whole module, into host memory or straight onto a GPU, goes through here. Returns the
+    module (eval, no grad)."""
+    groups: dict[int, list[TensorRef]] = {}
+    for ref in tensor_refs(module, unique=False):  # a tied tensor under every name it has, filled once
+        groups.setdefault(id(ref.get()), []).append(ref)
+    items = []
+    # Ordinary tensors whatever the caller's mode: ComfyUI runs nodes inside torch.inference_mode(), which is
+    # thread-local, and a source's reader threads fill these outside it (an inference tensor refuses that).
+    with torch.inference_mode(False):
+        for refs in groups.values():
+            tensor = refs[0].get()
+            if tensor.is_meta:
+                dest = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                items.append((refs[0].name, tensor, dest))
+                registered = refs[0].rebind(dest)
+                for ref in refs[1:]:  # the same object under every name, as the tie had it
+                    (ref.owner._parameters if ref.is_param else ref.owner._buffers)[ref.attr] = registered
+    fill_many(items)
+    return module.eval().requires_grad_(False)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..core.stored_format import NARROW_FLOATS, StoredFormat, dequantize
-from ..core.tensors import tensor_refs
+from ..core.tensors import materialize, tensor_refs
 from ..errors import ModelLoadError
 from .files import read_text
 from .safetensors_file import SafetensorsFile, TensorEntry
@@ -150,27 +150,10 @@ def keep_in_fp32_modules(model_cls: type, dtype: torch.dtype | None) -> list[str
     return list(getattr(model_cls, "_keep_in_fp32_modules", None) or [])
 
 
-def load_whole(model: nn.Module, weights: SafetensorsWeights, device: torch.device | str = "cpu") -> nn.Module:
-    """Give every meta tensor of ``model`` (after ``weights.apply_dtypes``) memory on ``device`` filled from
-    ``weights``: the whole module in host memory (or straight on a GPU, each tensor passing through host memory
-    alone), narrow tensors widened. Reads concurrently; returns the module (eval, no grad)."""
-    groups: dict[int, list] = {}
-    for ref in tensor_refs(model, unique=False):  # a tied tensor under every name it has, filled once
-        groups.setdefault(id(ref.get()), []).append(ref)
-    items = []
-    # Ordinary tensors whatever the caller's mode: ComfyUI runs nodes inside torch.inference_mode(), which is
-    # thread-local, and the reader threads below fill these outside it (an inference tensor refuses that).
-    with torch.inference_mode(False):
-        for refs in groups.values():
-            tensor = refs[0].get()
-            if tensor.is_meta:
-                dest = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-                items.append((refs[0].name, tensor, dest))
-                registered = refs[0].rebind(dest)
-                for ref in refs[1:]:  # the same object under every name, as the tie had it
-                    (ref.owner._parameters if ref.is_param else ref.owner._buffers)[ref.attr] = registered
-    weights.fill_many(items)
-    return model.eval().requires_grad_(False)
+def load_whole(model: nn.Module, weights: SafetensorsWeights) -> nn.Module:
+    """Give every meta tensor of ``model`` (after ``weights.apply_dtypes``) host memory filled from ``weights``: the
+    whole module in host memory, narrow tensors widened. Reads concurrently; returns the module (eval, no grad)."""
+    return materialize(model, weights.fill_many)
 
 
 def read_model_config(model_cls: type, folder: Path) -> dict:
