@@ -18,9 +18,13 @@ from video_offload.offload.core.spec import find_block_list
 SIZES = dict(height=64, width=96, num_frames=9, num_inference_steps=2, save_video=False)
 
 
-def test_the_default_is_60_percent_of_ram_and_the_option_is_checked():
+def test_the_default_is_60_percent_of_ram_and_the_option_is_checked(monkeypatch):
     assert OffloadConfig().max_host_memory_gb == "auto"
     assert host_memory.default_host_limit() == int(host_memory.physical_memory_bytes() * 0.60) > 0
+    # Where the RAM cannot be read, "auto" sets no limit (FastVideo's behaviour) instead of treating it as zero.
+    with monkeypatch.context() as patched:
+        patched.setattr(host_memory, "physical_memory_bytes", lambda: 0)
+        assert host_memory.default_host_limit() > 2**50
     with pytest.raises(ConfigError, match=r"max_host_memory_gb=-2: must be from 0 to 4096"):
         OffloadConfig(max_host_memory_gb=-2)
     with pytest.raises(ConfigError, match=r"max_host_memory_gb='half'"):

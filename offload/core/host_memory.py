@@ -146,8 +146,10 @@ def default_pin_limit() -> int:
 
 
 def default_host_limit() -> int:
-    """``HOST_SHARE_OF_RAM`` of the machine's RAM, in bytes."""
-    return int(physical_memory_bytes() * HOST_SHARE_OF_RAM)
+    """``HOST_SHARE_OF_RAM`` of the machine's RAM, in bytes; no limit where the RAM cannot be read (then the pack
+    holds what FastVideo holds, rather than re-reading every encoder for want of a number)."""
+    physical = physical_memory_bytes()
+    return int(physical * HOST_SHARE_OF_RAM) if physical > 0 else sys.maxsize
 
 
 def return_freed_memory() -> None:
