@@ -53,7 +53,9 @@ def decode_grid(vae, latent_shape: tuple[int, ...], mode: str, available: int | 
     budget = _budget(mode, available, 0)
     if budget is None:
         return None
-    if mode == "auto" and estimate_decode_memory(vae, latent_shape, (1, 1), frame_split=False).peak <= budget:
+    # Whether diffusers' untiled decode fits: estimated with diffusers' own blocks (lean=False), as GPU_ALLOWANCE
+    # was measured; the tiled passes' leaner blocks (vae_resnet) would say less than diffusers' pass needs.
+    if mode == "auto" and estimate_decode_memory(vae, latent_shape, (1, 1), frame_split=False, lean=False).peak <= budget:
         return None
     try:
         tiling = choose_decode_tiling(vae, latent_shape, budget, output_on_device=False, store_on_device=False)
@@ -76,7 +78,7 @@ def encode_grid(vae, video_shape: tuple[int, ...], mode: str, available: int | N
     if budget is None:
         return None
     if mode == "auto" and (estimate_encode_memory(vae, video_shape, (1, 1), video_on_device=True,
-                                                  frame_split=False).peak
+                                                  frame_split=False, lean=False).peak
                            * UNTILED_ENCODE_ALLOWANCE / GPU_ALLOWANCE <= budget):
         return None
     try:

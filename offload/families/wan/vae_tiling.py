@@ -49,6 +49,7 @@ from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ...core.plan_cache import PlanCache, default_cache_dir, fingerprint
+from .vae_resnet import activate, cached_conv, residual_block, rms_norm
 
 __all__ = [
     "DecodePlan",
@@ -146,18 +147,6 @@ def _n_slots(module: nn.Module) -> int:
     return max(1, sum(isinstance(m, wan.WanCausalConv3d) for m in module.modules()))
 
 
-def _cached_conv(conv: wan.WanCausalConv3d, x: torch.Tensor, cache: list, idx: list) -> torch.Tensor:
-    """The cache bookkeeping ``WanDecoder3d.forward`` and ``WanEncoder3d.forward`` write inline for conv_in/out."""
-    i = idx[0]
-    cache_x = x[:, :, -wan.CACHE_T :].clone()
-    if cache_x.shape[2] < 2 and cache[i] is not None:
-        cache_x = torch.cat([cache[i][:, :, -1:].to(cache_x.device), cache_x], dim=2)
-    out = conv(x, cache[i])
-    cache[i] = cache_x
-    idx[0] += 1
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Decoder: global part and the list of local calls ("ops").
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,11 +175,22 @@ class _Op:
     saves_block_input: bool = False  # first op of a block whose sampler adds a shortcut from the block input
     shortcut: nn.Module | None = None  # DupUp3D of a WanResidualUpBlock, added after its sampler
 
-    def __call__(self, x: torch.Tensor, cache: list, first_chunk: bool) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cache: list, first_chunk: bool, lean: bool = True) -> torch.Tensor:
         if self.kind == "head":
             dec = self.module
-            return _cached_conv(dec.conv_out, dec.nonlinearity(dec.norm_out(x)), cache, [0])
-        return self.module(x, feat_cache=cache, feat_idx=[0])
+            if not lean:
+                return cached_conv(dec.conv_out, [dec.nonlinearity(dec.norm_out(x))], cache, [0], padded=False)
+            return cached_conv(dec.conv_out, [activate(dec.nonlinearity, rms_norm(dec.norm_out, x))], cache, [0])
+        return _stage(self.module, x, cache, lean)
+
+
+def _stage(module: nn.Module, x: torch.Tensor, cache: list, lean: bool = True) -> torch.Tensor:
+    """``module(x, feat_cache=cache, feat_idx=[0])``; with ``lean`` a residual block runs as ``vae_resnet`` runs it
+    (the same numbers, fewer full-size transients: the tiled passes' peak is inside these blocks). ``lean=False``
+    is for estimating diffusers' own blocks (the untiled pass that runs when it fits)."""
+    if lean and isinstance(module, wan.WanResidualBlock):
+        return residual_block(module, x, cache, [0])
+    return module(x, feat_cache=cache, feat_idx=[0])
 
 
 def _decoder_ops(vae, skip_resnets: int) -> list[_Op]:
@@ -225,7 +225,7 @@ def _decode_global(vae, z: torch.Tensor, store: torch.Tensor, n_resnets: int) ->
     cache = [None] * (1 + _n_slots(dec.mid_block) + sum(_n_slots(r) for r in resnets))
     for k in range(x.shape[2]):
         idx = [0]
-        y = _cached_conv(dec.conv_in, x[:, :, k : k + 1], cache, idx)
+        y = cached_conv(dec.conv_in, [x[:, :, k : k + 1]], cache, idx)
         y = dec.mid_block(y, feat_cache=cache, feat_idx=idx)
         for r in resnets:
             y = r(y, feat_cache=cache, feat_idx=idx)
@@ -332,7 +332,7 @@ class _ConvIn:
         self.conv = enc.conv_in
 
     def __call__(self, x, feat_cache, feat_idx):
-        return _cached_conv(self.conv, x, feat_cache, feat_idx)
+        return cached_conv(self.conv, [x], feat_cache, feat_idx)
 
     def modules(self):
         return iter((self.conv,))
@@ -405,11 +405,11 @@ class _TileRun:
     tile's caches alive until the garbage collector runs, i.e. into the next tile.
     """
 
-    def __init__(self, vae, plan: DecodePlan, tile: _Tile, out: torch.Tensor, frame_split: bool):
+    def __init__(self, vae, plan: DecodePlan, tile: _Tile, out: torch.Tensor, frame_split: bool, lean: bool = True):
         self.ops = _decoder_ops(vae, plan.global_resnets)
         self.caches = [[None] * _n_slots(op.module if op.kind != "head" else op.module.conv_out) for op in self.ops]
         self.block_inputs: dict[int, tuple[torch.Tensor, Region]] = {}
-        self.plan, self.tile, self.out, self.frame_split = plan, tile, out, frame_split
+        self.plan, self.tile, self.out, self.frame_split, self.lean = plan, tile, out, frame_split, lean
         self.p = vae.config.patch_size or 1
         self.t_out = 0
 
@@ -431,7 +431,7 @@ class _TileRun:
             op = self.ops[i]
             if op.saves_block_input:
                 self.block_inputs[op.block] = (x, regions[i])
-            y = op(x, self.caches[i], first_chunk)
+            y = op(x, self.caches[i], first_chunk, self.lean)
             x = None
             have = _scaled(regions[i], op.scale)
             if op.shortcut is not None:  # WanResidualUpBlock: x + avg_shortcut(x_copy, first_chunk)
@@ -450,8 +450,8 @@ class _TileRun:
 
 
 def _decode_tile(vae, plan: DecodePlan, tile: _Tile, store: torch.Tensor, out: torch.Tensor, device,
-                 frame_split: bool) -> None:
-    run = _TileRun(vae, plan, tile, out, frame_split)
+                 frame_split: bool, lean: bool = True) -> None:
+    run = _TileRun(vae, plan, tile, out, frame_split, lean)
     r0, r1, c0, c1 = tile.regions[0]
     for k in range(store.shape[2]):
         x = store[:, :, k : k + 1, r0:r1, c0:c1].to(device, non_blocking=True)
@@ -509,7 +509,7 @@ def _chunks(n_frames: int) -> list[tuple[int, int]]:
 
 
 def _encode_tile(vae, plan: EncodePlan, tile: _Tile, video: torch.Tensor, store: torch.Tensor, device,
-                 frame_split: bool = True) -> None:
+                 frame_split: bool = True, lean: bool = True) -> None:
     stages = _encoder_stages(vae)
     caches = [[None] * _n_slots(s) for s in stages]
     split = next((i for i, s in enumerate(stages) if _is_temporal(s)), len(stages))
@@ -529,13 +529,13 @@ def _encode_tile(vae, plan: EncodePlan, tile: _Tile, video: torch.Tensor, store:
         while pieces:
             y = pieces.pop(0)
             for i in range(split):
-                y = stages[i](y, feat_cache=caches[i], feat_idx=[0])
+                y = _stage(stages[i], y, caches[i], lean)
             frames.append(y)
         del y
         y = frames[0] if len(frames) == 1 else torch.cat(frames, dim=2)
         del frames
         for i in range(split, len(stages)):
-            y = stages[i](y, feat_cache=caches[i], feat_idx=[0])
+            y = _stage(stages[i], y, caches[i], lean)
         y = _crop(y, lat, core)
         store[:, :, k : k + 1, core[0] : core[1], core[2] : core[3]].copy_(y, non_blocking=True)
 
@@ -572,8 +572,7 @@ def encode_tiled(vae, video: torch.Tensor, grid=None, *, budget_bytes: int | Non
     for k in range(len(chunks)):
         idx = [0]
         y = enc.mid_block(store[:, :, k : k + 1].to(device, non_blocking=True), feat_cache=cache, feat_idx=idx)
-        y = enc.nonlinearity(enc.norm_out(y))
-        outs.append(_cached_conv(enc.conv_out, y, cache, idx))
+        outs.append(cached_conv(enc.conv_out, [activate(enc.nonlinearity, enc.norm_out(y))], cache, idx))
     del store
     moments = vae.quant_conv(torch.cat(outs, dim=2))
     return DiagonalGaussianDistribution(moments)
@@ -632,10 +631,13 @@ def _plans() -> PlanCache:
 
 @functools.cache
 def _planner_version() -> str:
-    """What the replays' answers depend on besides their arguments: this file and the libraries that run it."""
+    """What the replays' answers depend on besides their arguments: this file, the residual blocks it runs
+    (``vae_resnet``) and the libraries that run them."""
     import diffusers
 
-    return fingerprint(Path(__file__).read_bytes(), torch.__version__, diffusers.__version__)
+    here = Path(__file__).parent
+    return fingerprint(Path(__file__).read_bytes(), (here / "vae_resnet.py").read_bytes(), torch.__version__,
+                       diffusers.__version__)
 
 
 def _kept_on_disk(namespace: str):
@@ -695,7 +697,7 @@ def _worst_tiles(tiles) -> list[_Tile]:
     return list(picks.values())
 
 
-def estimate_decode_memory(vae, latent_shape, grid=(1, 1), *, frame_split=True, output_on_device=True,
+def estimate_decode_memory(vae, latent_shape, grid=(1, 1), *, frame_split=True, output_on_device=True, lean=True,
                            store_on_device=True, probe_frames: int = 3) -> MemoryEstimate:
     """Peak activation bytes of ``decode_tiled`` for ``latent_shape = (B, C, T, h, w)``.
 
@@ -703,16 +705,16 @@ def estimate_decode_memory(vae, latent_shape, grid=(1, 1), *, frame_split=True, 
     second frame on, so later frames repeat the same pattern) for the worst tile, and scales the
     frame-proportional buffers (store, output) to T. Results are cached per (config, dtype, shape, options).
     """
-    est = _estimate_decode(_vae_key(vae), tuple(latent_shape), tuple(grid), frame_split, output_on_device,
+    est = _estimate_decode(_vae_key(vae), tuple(latent_shape), tuple(grid), frame_split, output_on_device, lean,
                            store_on_device, probe_frames)
     return MemoryEstimate(*est, _weights(vae))
 
 
 @functools.lru_cache(maxsize=256)
-def _estimate_decode(key, latent_shape, grid, frame_split, output_on_device, store_on_device, probe_frames):
+def _estimate_decode(key, latent_shape, grid, frame_split, output_on_device, lean, store_on_device, probe_frames):
     b, c, t, h, w = latent_shape
     global_peak, tile_peak, store_probe, out_probe, store_frame, out_frame, frames_per_latent = _replay_decode(
-        key, (b, c, min(t, probe_frames), h, w), grid, frame_split)
+        key, (b, c, min(t, probe_frames), h, w), grid, frame_split, lean)
     store_full = store_frame * t if store_on_device else 0
     out_full = out_frame * (1 + (t - 1) * frames_per_latent) if output_on_device else 0
     # the probe's store and output covered its frames; the real ones cover t (or live on the host)
@@ -724,7 +726,7 @@ def _estimate_decode(key, latent_shape, grid, frame_split, output_on_device, sto
 @functools.lru_cache(maxsize=256)
 @_kept_on_disk("vae-decode-replay")
 @torch.no_grad()
-def _replay_decode(key, probe_shape, grid, frame_split):
+def _replay_decode(key, probe_shape, grid, frame_split, lean=True):
     """The meta replay behind :func:`estimate_decode_memory`, for ``probe_shape``'s few latent frames: the peaks of
     the global part and of the worst tile, the probe's store and output bytes, and the bytes per frame of both and
     the output frames per latent frame, so that any frame count and buffer placement is arithmetic on it."""
@@ -747,7 +749,7 @@ def _replay_decode(key, probe_shape, grid, frame_split):
         tile_peak = 0
         for tile in _worst_tiles(plan.tiles):
             mem.reset_peak()
-            _decode_tile(meta, plan, tile, store, out_probe, meta_dev, frame_split)
+            _decode_tile(meta, plan, tile, store, out_probe, meta_dev, frame_split, lean)
             tile_peak = max(tile_peak, mem.peak)
         store_probe = store.numel() * item
         out_probe_bytes = out_probe.numel() * item
@@ -757,21 +759,21 @@ def _replay_decode(key, probe_shape, grid, frame_split):
 
 
 def estimate_encode_memory(vae, video_shape, grid=(1, 1), *, store_on_device=True, video_on_device=False,
-                           frame_split: bool = True, probe_chunks: int = 3) -> MemoryEstimate:
+                           frame_split: bool = True, probe_chunks: int = 3, lean: bool = True) -> MemoryEstimate:
     """Peak activation bytes of ``encode_tiled`` for ``video_shape = (B, C, F, H, W)`` (video kept on the CPU
     unless ``video_on_device``), from a meta replay of ``probe_chunks`` time chunks of the worst tile."""
     est = _estimate_encode(_vae_key(vae), tuple(video_shape), tuple(grid), store_on_device, video_on_device,
-                           frame_split, probe_chunks)
+                           frame_split, probe_chunks, lean)
     return MemoryEstimate(*est, _weights(vae))
 
 
 @functools.lru_cache(maxsize=256)
-def _estimate_encode(key, video_shape, grid, store_on_device, video_on_device, frame_split, probe_chunks):
+def _estimate_encode(key, video_shape, grid, store_on_device, video_on_device, frame_split, probe_chunks, lean):
     b, c, f, hh, ww = video_shape
     n = len(_chunks(f))
     probe_frames = 1 + 4 * (min(n, probe_chunks) - 1)
     global_peak, tile_peak, store_probe, store_chunk, item = _replay_encode(
-        key, (b, c, probe_frames, hh, ww), grid, frame_split)
+        key, (b, c, probe_frames, hh, ww), grid, frame_split, lean)
     store_full = store_chunk * n if store_on_device else 0
     video_full = b * c * f * hh * ww * item if video_on_device else 0
     tile_phase = tile_peak - store_probe + store_full + video_full
@@ -782,7 +784,7 @@ def _estimate_encode(key, video_shape, grid, store_on_device, video_on_device, f
 @functools.lru_cache(maxsize=256)
 @_kept_on_disk("vae-encode-replay")
 @torch.no_grad()
-def _replay_encode(key, probe_shape, grid, frame_split):
+def _replay_encode(key, probe_shape, grid, frame_split, lean=True):
     """The meta replay behind :func:`estimate_encode_memory`, for ``probe_shape``'s few frames (the video itself
     counted as a host tensor): the peaks of the worst tile and of the global part, the probe's store bytes, the
     store's bytes per time chunk and the element size, so that any frame count and placement is arithmetic on it."""
@@ -805,7 +807,7 @@ def _replay_encode(key, probe_shape, grid, frame_split):
         tile_peak = 0
         for tile in _worst_tiles(plan.tiles):
             mem.reset_peak()
-            _encode_tile(meta, plan, tile, video, store, meta_dev, frame_split)
+            _encode_tile(meta, plan, tile, video, store, meta_dev, frame_split, lean)
             tile_peak = max(tile_peak, mem.peak)
         mem.reset_peak()
         cache = [None] * (_n_slots(meta.encoder.mid_block) + 1)
@@ -813,8 +815,8 @@ def _replay_encode(key, probe_shape, grid, frame_split):
         for k in range(store.shape[2]):
             idx = [0]
             y = meta.encoder.mid_block(store[:, :, k : k + 1], feat_cache=cache, feat_idx=idx)
-            outs.append(_cached_conv(meta.encoder.conv_out, meta.encoder.nonlinearity(meta.encoder.norm_out(y)),
-                                     cache, idx))
+            outs.append(cached_conv(meta.encoder.conv_out,
+                                    [activate(meta.encoder.nonlinearity, meta.encoder.norm_out(y))], cache, idx))
         meta.quant_conv(torch.cat(outs, dim=2))
         global_peak = mem.peak
         mem.current += video_probe  # balance the finalizer of the meta video
