@@ -44,6 +44,15 @@ def _budget(mode: str, available: int | None, weights: int) -> int | None:
     return max(int(available * ALLOCATOR_HEADROOM / GPU_ALLOWANCE) - weights, 0)
 
 
+def _untiled_fits(peak, budget: int) -> bool:
+    """Whether diffusers' own untiled pass fits ``budget``, ``peak(lean)`` giving the estimate of the pass at one tile
+    with the tiled passes' blocks (``lean=True``) or diffusers' (``lean=False``). The answer is diffusers' estimate,
+    which the GPU allowances were measured against; the leaner blocks never need more, so when even their estimate
+    is over the budget the answer is no without a replay of diffusers' blocks (the capped case: the chooser replays
+    the one-tile lean pass anyway, so this costs nothing there)."""
+    return peak(True) <= budget and peak(False) <= budget
+
+
 def decode_grid(vae, latent_shape: tuple[int, ...], mode: str, available: int | None) -> VaeTiling | None:
     """The decode's tiling (grid, and whether frames are split), or None for diffusers' untiled decode."""
     from .vae_tiling import choose_decode_tiling, estimate_decode_memory
@@ -53,9 +62,8 @@ def decode_grid(vae, latent_shape: tuple[int, ...], mode: str, available: int | 
     budget = _budget(mode, available, 0)
     if budget is None:
         return None
-    # Whether diffusers' untiled decode fits: estimated with diffusers' own blocks (lean=False), as GPU_ALLOWANCE
-    # was measured; the tiled passes' leaner blocks (vae_resnet) would say less than diffusers' pass needs.
-    if mode == "auto" and estimate_decode_memory(vae, latent_shape, (1, 1), frame_split=False, lean=False).peak <= budget:
+    if mode == "auto" and _untiled_fits(
+            lambda lean: estimate_decode_memory(vae, latent_shape, (1, 1), frame_split=False, lean=lean).peak, budget):
         return None
     try:
         tiling = choose_decode_tiling(vae, latent_shape, budget, output_on_device=False, store_on_device=False)
@@ -77,9 +85,9 @@ def encode_grid(vae, video_shape: tuple[int, ...], mode: str, available: int | N
     budget = _budget(mode, available, 0)
     if budget is None:
         return None
-    if mode == "auto" and (estimate_encode_memory(vae, video_shape, (1, 1), video_on_device=True,
-                                                  frame_split=False, lean=False).peak
-                           * UNTILED_ENCODE_ALLOWANCE / GPU_ALLOWANCE <= budget):
+    if mode == "auto" and _untiled_fits(
+            lambda lean: estimate_encode_memory(vae, video_shape, (1, 1), video_on_device=True, frame_split=False,
+                                                lean=lean).peak * UNTILED_ENCODE_ALLOWANCE / GPU_ALLOWANCE, budget):
         return None
     try:
         tiling = choose_encode_tiling(vae, video_shape, budget)
