@@ -93,6 +93,17 @@ def _rows(t: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, int, int] |
     return t, t.stride(0), t.stride(1)
 
 
+def _rows_kernel(kernels: _Kernels, args: list, out: torch.Tensor, residual: bool) -> bool:
+    """The row kernel over ``out``'s ``(batch, tokens, dim)`` rows, on operands ``args`` (each a ``_rows`` triple of
+    tensor, batch stride, token stride); False when they cannot take it (a layout it does not index) or it failed
+    to compile: the caller then computes the same expression itself."""
+    if any(a is None for a in args):
+        return False
+    batch, tokens, dim = out.shape
+    return kernels.launch(kernels.rows, (batch * tokens, kernels.cdiv(dim, ROW_BLOCK)), *[v for a in args for v in a],
+                          tokens, dim, RESIDUAL=residual, BLOCK=ROW_BLOCK)
+
+
 def modulate(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype,
              out: torch.Tensor | None = None, fused: bool = True) -> torch.Tensor:
     """``(normed * (1 + scale) + shift).to(dtype)``, diffusers' modulation of a normed sub-layer input, written into
@@ -102,12 +113,9 @@ def modulate(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dty
     kernels = _fused(normed, fused) if _in_float32(normed.dtype, one_plus_scale.dtype, shift.dtype) else None
     if kernels is not None and out is None:
         out = torch.empty(normed.shape, dtype=dtype, device=normed.device)
-    args = [_rows(t, out.shape) for t in (normed, one_plus_scale, shift, out)] if kernels is not None else [None]
-    if all(a is not None for a in args):
-        batch, tokens, dim = out.shape
-        if kernels.launch(kernels.rows, (batch * tokens, kernels.cdiv(dim, ROW_BLOCK)), *[v for a in args for v in a],
-                          tokens, dim, RESIDUAL=False, BLOCK=ROW_BLOCK):
-            return out
+    if kernels is not None and _rows_kernel(kernels, [_rows(t, out.shape) for t in (normed, one_plus_scale, shift, out)],
+                                            out, residual=False):
+        return out
     result = (normed * one_plus_scale + shift).to(dtype)
     return result if out is None else out.copy_(result)
 
@@ -117,12 +125,9 @@ def gated_residual_into(out: torch.Tensor, x: torch.Tensor, update: torch.Tensor
     """``out[:] = (x.float() + update.float() * gate).type_as(out)``: diffusers' gated residual update (``out`` may be
     ``x`` itself: each element is read before it is written, by the same program)."""
     kernels = _fused(out, fused) if _in_float32(torch.float32, gate.dtype) else None  # x.float(), update.float()
-    args = [_rows(t, out.shape) for t in (x, update, gate, out)] if kernels is not None else [None]
-    if all(a is not None for a in args):
-        batch, tokens, dim = out.shape
-        if kernels.launch(kernels.rows, (batch * tokens, kernels.cdiv(dim, ROW_BLOCK)), *[v for a in args for v in a],
-                          tokens, dim, RESIDUAL=True, BLOCK=ROW_BLOCK):
-            return
+    if kernels is not None and _rows_kernel(kernels, [_rows(t, out.shape) for t in (x, update, gate, out)], out,
+                                            residual=True):
+        return
     out.copy_((x.float() + update.float() * gate).type_as(out))
 
 

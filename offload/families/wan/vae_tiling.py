@@ -540,6 +540,18 @@ def _encode_tile(vae, plan: EncodePlan, tile: _Tile, video: torch.Tensor, store:
         store[:, :, k : k + 1, core[0] : core[1], core[2] : core[3]].copy_(y, non_blocking=True)
 
 
+def _encode_global(enc, store: torch.Tensor, device) -> list[torch.Tensor]:
+    """The encoder's global part over the latent-size ``store``, chunk by chunk through its causal caches: the mid
+    block (its attention over whole frames), then norm_out and conv_out. One output per time chunk."""
+    cache = [None] * (_n_slots(enc.mid_block) + 1)
+    outs = []
+    for k in range(store.shape[2]):
+        idx = [0]
+        y = enc.mid_block(store[:, :, k : k + 1].to(device, non_blocking=True), feat_cache=cache, feat_idx=idx)
+        outs.append(cached_conv(enc.conv_out, [activate(enc.nonlinearity, enc.norm_out(y))], cache, idx))
+    return outs
+
+
 @torch.no_grad()
 def encode_tiled(vae, video: torch.Tensor, grid=None, *, budget_bytes: int | None = None, device=None,
                  store_device=None, plan: EncodePlan | None = None, frame_split: bool = True
@@ -567,12 +579,7 @@ def encode_tiled(vae, video: torch.Tensor, grid=None, *, budget_bytes: int | Non
     store = _buffer((b, enc.mid_block.dim, len(chunks), h, w), video.dtype, device, store_device)
     for tile in plan.tiles:
         _encode_tile(vae, plan, tile, video, store, device, frame_split)
-    cache = [None] * (_n_slots(enc.mid_block) + 1)
-    outs = []
-    for k in range(len(chunks)):
-        idx = [0]
-        y = enc.mid_block(store[:, :, k : k + 1].to(device, non_blocking=True), feat_cache=cache, feat_idx=idx)
-        outs.append(cached_conv(enc.conv_out, [activate(enc.nonlinearity, enc.norm_out(y))], cache, idx))
+    outs = _encode_global(enc, store, device)
     del store
     moments = vae.quant_conv(torch.cat(outs, dim=2))
     return DiagonalGaussianDistribution(moments)
@@ -810,13 +817,7 @@ def _replay_encode(key, probe_shape, grid, frame_split, lean=True):
             _encode_tile(meta, plan, tile, video, store, meta_dev, frame_split, lean)
             tile_peak = max(tile_peak, mem.peak)
         mem.reset_peak()
-        cache = [None] * (_n_slots(meta.encoder.mid_block) + 1)
-        outs = []
-        for k in range(store.shape[2]):
-            idx = [0]
-            y = meta.encoder.mid_block(store[:, :, k : k + 1], feat_cache=cache, feat_idx=idx)
-            outs.append(cached_conv(meta.encoder.conv_out,
-                                    [activate(meta.encoder.nonlinearity, meta.encoder.norm_out(y))], cache, idx))
+        outs = _encode_global(meta.encoder, store, meta_dev)
         meta.quant_conv(torch.cat(outs, dim=2))
         global_peak = mem.peak
         mem.current += video_probe  # balance the finalizer of the meta video
