@@ -282,6 +282,7 @@ PLANS = {
     "full": [
         ("t2v", "14B", 480, 832, 81, "all_resident", None),
         ("t2v", "14B", 480, 832, 81, "seed_defaults", 6.0),
+        ("t2v", "14B", 720, 1280, 81, "all_resident", None),
         ("t2v", "14B", 720, 1280, 81, "seed_defaults", 8.0),
         ("i2v", "14B", 480, 832, 81, "all_resident", None),
         ("i2v", "14B", 480, 832, 81, "seed_defaults", 6.0),

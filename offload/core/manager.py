@@ -30,6 +30,7 @@ from .auto_offload import config_at_level, describe, levels_for
 from .devices import default_device, resolve_device  # noqa: F401 - default_device stays importable from here
 from . import host_memory
 from .host_memory import default_pin_limit
+from .kernel_warmup import KernelWarmup
 from .layerwise import LayerwiseOffloader
 from .loaded_model import LoadedModel
 from .memory_guard import BudgetExceeded, available_device_bytes, oom_guard
@@ -98,6 +99,8 @@ class OffloadManager:
         self._logged: set[str] = set()
         self.history: list[UseRecord] = []
         """The last uses of components (bounded), newest last."""
+        self.kernel_warmup = KernelWarmup()
+        """The DiTs' GPU kernels, compiled in the background from the moment a DiT is about to be placed."""
 
     # ------------------------------------------------------------------ loading
 
@@ -291,6 +294,7 @@ class OffloadManager:
                 "dit_cpu_offload=True has no effect without use_fsdp_inference; "
                 "on one GPU the DiT's placement is chosen by dit_layerwise_offload"
             )
+        self._warm_up_kernels(model, name, config)
         with self._lock, oom_guard("DiT sampling", config, self.device):
             if not config.dit_layerwise_offload:
                 model.resources.drop_layerwise(name)
@@ -312,6 +316,24 @@ class OffloadManager:
                     # Fully streamed: its slots and outer weights (1.9 GiB on 14B) would sit beside the VAE decode.
                     # Placing them again next run costs one copy of the outer weights (~10 ms on 14B).
                     offloader.release_device()
+
+    def _kernel_key(self, model: LoadedModel, name: str) -> tuple:
+        return model.source.identity, name, model.dtypes.get(name), str(self.device)
+
+    def _warm_up_kernels(self, model: LoadedModel, name: str, config: OffloadConfig) -> None:
+        """Start compiling the kernels DiT ``name``'s sliced forward launches (the family's ``compile_kernels``), in
+        the background, from a weightless copy: it overlaps the placement and what runs before the first step. Not
+        with ``dit_activation_chunking="off"``: the blocks then run their own forward, which needs none."""
+        compile_kernels = getattr(model.spec.stages, "compile_kernels", None)
+        if compile_kernels is None or self.device.type != "cuda" or config.dit_activation_chunking == "off":
+            return
+        component, dtype, device = model.spec.component(name), model.dtypes.get(name), self.device
+        self.kernel_warmup.start(self._kernel_key(model, name),
+                                 lambda: compile_kernels(model.source.empty_model(component, dtype), dtype, device))
+
+    def wait_for_kernels(self, model: LoadedModel, name: str) -> float:
+        """Before the first forward that launches them: wait for DiT ``name``'s background compile (seconds)."""
+        return self.kernel_warmup.wait(self._kernel_key(model, name))
 
     def _place_layerwise(self, model: LoadedModel, name: str, config: OffloadConfig, resident_blocks) -> nn.Module:
         """Component ``name`` (a DiT, or a streamed text encoder) with its blocks streaming from host memory."""

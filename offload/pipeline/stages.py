@@ -320,6 +320,8 @@ def _chunk_tokenwise_layers(manager, model: LoadedModel, name: str, dit, config:
     # The family's own sliced block forward bounds every token-wise step; without one, the feed-forward alone.
     whole_blocks = model.spec.stages.chunk_blocks(dit, size)
     configure_chunking(modules, None if whole_blocks else size)
+    if whole_blocks and size is not None:  # the family's sliced forward launches the kernels compiled ahead
+        manager.wait_for_kernels(model, name)
     what = "blocks' token-wise steps" if whole_blocks and size is not None else "token-wise layers"
     message = (f"{model.name}/{name}: {what} run whole ({tokens} tokens)" if size is None else
                f"{model.name}/{name}: {what} run in chunks of {size} of {tokens} tokens "

@@ -15,13 +15,20 @@ an FMA that eager PyTorch would not use), and rounds to the output dtype to near
 
 Off CUDA, without Triton (a CPU build), or for a layout the kernels do not take, each function runs diffusers'
 expression itself, which is also the reference.
+
+Within :func:`compiling_only` the same functions take meta tensors and compile the kernels they would launch for
+real tensors of those dtypes and layouts, running nothing: how ``lean_block.compile_lean_kernels`` compiles a model's
+kernels in the background before its first step needs them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -29,6 +36,23 @@ log = logging.getLogger(__name__)
 
 ROW_BLOCK = 1024
 """Elements of one token's row per Triton program (a 5,120-wide 14B row is five programs)."""
+
+
+_COMPILE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("pointwise_compile_only", default=False)
+"""Set by :func:`compiling_only` (per thread and task, as a context variable: a background compile never turns the
+main thread's launches into compiles)."""
+
+
+@contextlib.contextmanager
+def compiling_only() -> Iterator[None]:
+    """Within: the functions below take *meta* tensors and, where they would launch a kernel on CUDA tensors of those
+    dtypes and layouts, compile it for the current CUDA device without running it (Triton's ``warmup``; it specialises
+    on dtypes and on the strides' divisibility, not on the data). Their outputs stay unwritten."""
+    token = _COMPILE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _COMPILE_ONLY.reset(token)
 
 
 class _Kernels:
@@ -40,9 +64,14 @@ class _Kernels:
         self.failed: str | None = None
 
     def launch(self, kernel, grid, *args, **meta) -> bool:
-        """Run ``kernel``; False (and PyTorch from then on) if Triton cannot compile or launch it."""
+        """Run ``kernel`` (within :func:`compiling_only`: compile it for these operands' dtypes and strides); False
+        (and PyTorch from then on) if Triton cannot compile or launch it."""
         try:
-            kernel[grid](*args, **meta, enable_fp_fusion=False)
+            if _COMPILE_ONLY.get():
+                kernel.warmup(*[a.dtype if isinstance(a, torch.Tensor) else a for a in args], grid=grid, **meta,
+                              enable_fp_fusion=False)
+            else:
+                kernel[grid](*args, **meta, enable_fp_fusion=False)
             return True
         except Exception as e:  # noqa: BLE001 - any compiler failure: the caller computes the same numbers itself
             self.failed = f"{type(e).__name__}: {e}"
@@ -66,8 +95,12 @@ def _kernels() -> _Kernels | None:
 
 def _fused(out: torch.Tensor, enabled: bool):
     """The kernels when they can run on ``out``'s device, else None. Triton's interpreter (``TRITON_INTERPRET=1``)
-    runs them on CPU tensors too: that is how the CPU tests check their indexing and arithmetic."""
-    if not enabled or (out.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+    runs them on CPU tensors too: that is how the CPU tests check their indexing and arithmetic. Within
+    :func:`compiling_only`, meta tensors stand for CUDA ones."""
+    if _COMPILE_ONLY.get():
+        if not enabled or out.device.type != "meta" or os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+    elif not enabled or (out.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
         return None
     kernels = _kernels()
     return None if kernels is None or kernels.failed else kernels

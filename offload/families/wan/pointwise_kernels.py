@@ -3,6 +3,12 @@
 They live in a module of their own, at its top level, because a ``triton.jit`` function finds the jit functions it
 calls (``piece``) among its module's globals: defined inside a function, ``piece`` is not found and the kernels do
 not compile. The arithmetic and its exactness are described in ``pointwise``.
+
+The token count is not a specialisation (``do_not_specialize``): Triton would otherwise compile each kernel again for
+a count that is a multiple of 16 and one that is not (a 32,760-token sequence in slices of 8,192 has both), and a
+compile ahead of time (``pointwise.compiling_only``) could not know the counts a run will meet. It only picks a
+row's batch and token (``row // tokens``), so nothing is lost. The strides stay specialised: their divisibility is
+what lets a row be loaded in wide vectors.
 """
 
 import triton
@@ -17,7 +23,7 @@ def piece(tokens, width, BLOCK: tl.constexpr):
     return row // tokens, row % tokens, cols, cols < width
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens"])
 def rows(first, f_b, f_t, second, s_b, s_t, third, t_b, t_t, out, o_b, o_t, tokens, dim,
          RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     """first * second + third (a modulation) or, with RESIDUAL, first + second * third (a gated residual)."""
@@ -30,7 +36,7 @@ def rows(first, f_b, f_t, second, s_b, s_t, third, t_b, t_t, out, o_b, o_t, toke
     tl.store(out + b * o_b + t * o_t + cols, value, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens"])
 def rotate(x, x_b, x_t, cos, c_b, c_t, sin, s_b, s_t, out, o_b, o_t, tokens, pairs,
            HALF: tl.constexpr, BLOCK: tl.constexpr):
     """diffusers' rotary embedding of one row's (heads x head_dim) values, taken as pairs (even, odd)."""

@@ -150,6 +150,11 @@ class WanStages:
     def tokenwise_modules(self, dit: nn.Module) -> list[nn.Module]:
         return [block.ffn for block in dit.blocks]
 
+    def compile_kernels(self, dit: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        from .lean_block import compile_lean_kernels
+
+        compile_lean_kernels(dit, dtype, device)
+
     def chunk_blocks(self, dit: nn.Module, max_tokens: int | None) -> bool:
         from .lean_block import apply_lean_blocks, remove_lean_blocks
 
