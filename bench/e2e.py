@@ -301,6 +301,8 @@ PLANS["capped480"] = [  # issue 10's capped 480p runs alone: a process that fill
     ("t2v", "14B", 480, 832, 81, "seed_defaults", 6.0),  # kernels, the VAE plans) before a later one is measured
     ("i2v", "14B", 480, 832, 81, "seed_defaults", 6.0),
 ]
+PLANS["i2v480"] = [  # the image-to-video 480p runs alone: on a fresh machine, every first-use cost falls on them
+    row for row in PLANS["quick"] if row[0] == "i2v"]
 PLANS["wan22"] = [
     # Wan2.2 A14B image-to-video as ComfyUI's template runs it: two experts, a rank-64 LoRA on each (the lightx2v
     # 4-step LoRAs' rank), 4 euler steps at cfg 1 and shift 5 (issue 13).
