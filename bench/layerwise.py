@@ -70,6 +70,9 @@ from video_offload.offload.weights.safetensors_file import read_header  # noqa: 
 from video_offload.offload.weights.streaming import layerwise_from_file, layerwise_from_pretrained  # noqa: E402
 from video_offload.offload.weights.tensor_source import WEIGHTS_INDEX_NAME, folder_weight_files, load_whole  # noqa: E402
 
+DEFAULT_WIDEN = (widen_kernel.WIDEN_PROGRAMS, widen_kernel.BLOCK, widen_kernel.WIDEN_WARPS)
+"""The pack's widening (programs, elements per program, warps), before a mode's ``@P:B:W`` changes it."""
+
 GiB = 2**30
 
 CONFIGS = {
@@ -569,7 +572,7 @@ def main(argv=None) -> int:
             try:
                 # "ours_fp8_stream@P:B:W": P widening programs (0: one per piece) of B elements and W warps
                 base, _, widen = mode.removesuffix("_lora").partition("@")
-                programs, block, warps = ((widen or "0").split(":") + ["4096", "4"])[:3]
+                programs, block, warps = ((widen or "0").split(":") + [str(v) for v in DEFAULT_WIDEN[1:]])[:3]
                 widen_kernel.WIDEN_PROGRAMS, widen_kernel.BLOCK, widen_kernel.WIDEN_WARPS = (
                     int(programs), int(block), int(warps))
                 setup = setup_mode(base, folder, device, dtype, args.prefetch_depth, fp8_file, args.pin_fraction)
