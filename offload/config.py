@@ -112,7 +112,7 @@ class OffloadConfig:
         "auto", "Decode (and encode) the video in spatial tiles with exact halos: the same frames in bounded VRAM. "
                 "auto tiles when the untiled decode would not fit in free memory.",
         choices=("auto", "on", "off"), fix="use auto (the default), on or off",
-        cost="3-10% more decode time in tiles of whole frames (H200); about 30% more where memory only allows "
+        cost="0-5% more decode time in tiles of whole frames (H200, 480p-720p); about 30% more where memory only allows "
              "frames one at a time. Saves 6-17 GiB at 14B 480p-720p.")
     dit_activation_chunking: str = option(
         "auto", "Run the DiT's token-wise steps (norms, modulation, projections, feed-forward) over slices of the "

@@ -1,4 +1,4 @@
-"""The DiT's GPU kernels compiled ahead, in the background (``core/kernel_warmup.py``, ``lean_block.compile_lean_kernels``).
+"""The DiT's GPU kernels compiled ahead, in the background (``core/kernel_warmup.py``, ``lean_block.lean_kernel_compile``).
 
 What a user gets: the first denoising step on a machine that never ran the pack does not wait for Triton. That holds
 only if the compile ahead asks for *every* kernel variant the real forward launches. Triton compiles one variant per
@@ -10,6 +10,7 @@ compiled kernels instead (``test_gpu_...``)."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from diffusers import WanTransformer3DModel
 
 from video_offload.offload.core.kernel_warmup import KernelWarmup
 from video_offload.offload.families.wan import pointwise
-from video_offload.offload.families.wan.lean_block import apply_lean_blocks, compile_lean_kernels
+from video_offload.offload.families.wan.lean_block import apply_lean_blocks, lean_kernel_compile
 
 pointwise_kernels = pytest.importorskip("video_offload.offload.families.wan.pointwise_kernels")
 
@@ -86,7 +87,7 @@ def test_the_compile_ahead_asks_for_every_kernel_variant_a_lean_forward_launches
                                                                                 per_token):
     seen, kernels = recorded
     model = tiny_dit(image_to_video)
-    compile_lean_kernels(model, torch.bfloat16, torch.device("cpu"))
+    lean_kernel_compile(dict(model.config), torch.bfloat16, torch.device("cpu"))()  # from the config alone
     assert {name for name, _, _ in seen["compiled"]} == {"rows", "rotate"}
     assert kernels.failed is None
 
@@ -135,19 +136,24 @@ def test_compile_only_mode_is_scoped_to_its_thread(recorded):
 
 def test_a_warmup_runs_once_per_key_and_a_forward_waits_for_it():
     warmup = KernelWarmup()
-    runs = []
+    runs, prepared = [], []
     gate = threading.Event()
 
     def slow():
         gate.wait(5)
-        runs.append(1)
+        runs.append(threading.current_thread().name)
 
-    assert warmup.start("dit", slow)
-    assert not warmup.start("dit", slow)  # already running: not started twice
+    def prepare():
+        prepared.append(threading.current_thread().name)  # in the caller's thread
+        return slow
+
+    assert warmup.start("dit", prepare)
+    assert not warmup.start("dit", prepare)  # already running: not started twice
     threading.Timer(0.2, gate.set).start()
     waited = warmup.wait("dit")
-    assert runs == [1] and waited > 0.1
-    assert not warmup.start("dit", slow)  # already ran
+    assert waited > 0.1 and len(runs) == 1 and runs[0].startswith("video-offload kernel warm-up")
+    assert prepared == [threading.current_thread().name]
+    assert not warmup.start("dit", prepare)  # already ran
     assert warmup.wait("dit") == 0.0 and warmup.wait("never started") == 0.0
     assert "dit" in warmup.seconds
 
@@ -158,7 +164,7 @@ def test_a_failed_compile_is_logged_and_a_forward_does_not_wait_for_it(caplog):
     def broken():
         raise RuntimeError("no compiler here")
 
-    warmup.start("dit", broken)
+    warmup.start("dit", lambda: broken)
     deadline = time.time() + 5
     while warmup._threads["dit"].is_alive() and time.time() < deadline:
         time.sleep(0.01)
@@ -166,10 +172,24 @@ def test_a_failed_compile_is_logged_and_a_forward_does_not_wait_for_it(caplog):
     assert "no compiler here" in caplog.text and "the first step compiles them" in caplog.text
 
 
+def test_a_failed_preparation_is_logged_once_and_nothing_waits(caplog):
+    warmup = KernelWarmup()
+    calls = []
+
+    def prepare():
+        calls.append(1)
+        raise ValueError("bad config")
+
+    assert not warmup.start("dit", prepare)
+    assert not warmup.start("dit", prepare)
+    assert calls == [1] and warmup.wait("dit") == 0.0
+    assert "bad config" in caplog.text
+
+
 def test_a_compile_that_hangs_does_not_hang_the_run():
     warmup = KernelWarmup()
     release = threading.Event()
-    warmup.start("dit", lambda: release.wait(10))
+    warmup.start("dit", lambda: lambda: release.wait(10))
     started = time.perf_counter()
     warmup.wait("dit", timeout=0.2)
     assert time.perf_counter() - started < 2
@@ -179,7 +199,7 @@ def test_a_compile_that_hangs_does_not_hang_the_run():
 GPU_CHILD = r"""
 import torch
 from video_offload.offload.families.wan import pointwise_kernels as pk
-from video_offload.offload.families.wan.lean_block import apply_lean_blocks, compile_lean_kernels
+from video_offload.offload.families.wan.lean_block import apply_lean_blocks, lean_kernel_compile
 from tests.test_kernel_warmup import tiny_dit
 from tests.test_lean_block import inputs
 
@@ -188,7 +208,7 @@ def compiled():
 
 for image_to_video, per_token in ((False, False), (True, False), (False, True)):
     model = tiny_dit(image_to_video)
-    compile_lean_kernels(model, torch.bfloat16, torch.device("cuda"))  # weights still on the CPU: nothing runs
+    lean_kernel_compile(dict(model.config), torch.bfloat16, torch.device("cuda"))()  # from the config: nothing runs
     ahead = compiled()
     model = model.to("cuda")
     kwargs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs(model, torch.bfloat16, per_token).items()}
@@ -205,7 +225,7 @@ print("ok")
 
 @pytest.mark.gpu
 def test_gpu_the_compile_ahead_leaves_nothing_for_the_first_forward_to_compile(tmp_path):
-    """In a fresh process with an empty Triton cache: after ``compile_lean_kernels``, a lean forward of the tiny
+    """In a fresh process with an empty Triton cache: after ``lean_kernel_compile``, a lean forward of the tiny
     T2V, I2V and per-token-modulation models compiles no kernel of its own, and still equals diffusers' forward."""
     env = dict(__import__("os").environ, TRITON_CACHE_DIR=str(tmp_path / "triton"))
     result = subprocess.run([sys.executable, "-c", GPU_CHILD], capture_output=True, text=True, env=env, timeout=600)
@@ -244,3 +264,31 @@ def test_gpu_a_run_finds_its_kernels_compiled_in_the_background(tmp_path):
                             text=True, env=env, timeout=600)
     print(result.stdout, result.stderr[-3000:])
     assert result.returncode == 0 and result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("chunking, started", [("auto", True), ("on", True), ("off", False)])
+def test_placing_a_dit_starts_its_compile_from_the_model_files_config(tiny_t2v, recorded, monkeypatch, chunking,
+                                                                       started):
+    """The manager's wiring: on a CUDA device, placing the DiT starts one background compile keyed by the model,
+    the DiT and its dtype, prepared from the config the model's files give (here a Diffusers folder); none when the
+    blocks never run sliced (``dit_activation_chunking="off"``). The compile it prepares asks for the kernels."""
+    from video_offload.offload import OffloadConfig, OffloadManager
+    from video_offload.offload.config import Precision
+    from video_offload.offload.pipeline.stages import load_model
+
+    seen, _ = recorded
+    manager = OffloadManager("cpu")
+    model = load_model(manager, tiny_t2v, Precision(dit="bfloat16"))
+    manager.device = torch.device("cuda")  # only to pass the manager's CUDA check: the compile is run below, here
+    asked = []
+    monkeypatch.setattr(manager.kernel_warmup, "start", lambda key, prepare: asked.append((key, prepare)))
+    manager._warm_up_kernels(model, "transformer", OffloadConfig(dit_activation_chunking=chunking))
+    assert bool(asked) == started
+    if started:
+        (key, prepare), = asked
+        assert key == (model.source.identity, "transformer", torch.bfloat16, "cuda")
+        compile_kernels = prepare()
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+            compile_kernels()
+        assert {name for name, _, _ in seen["compiled"]} == {"rows", "rotate"}

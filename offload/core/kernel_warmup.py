@@ -36,10 +36,23 @@ class KernelWarmup:
         self.seconds: dict[Hashable, float] = {}
         """How long each finished compile took (for logs and benchmarks)."""
 
-    def start(self, key: Hashable, compile_kernels: Callable[[], None]) -> bool:
-        """Run ``compile_kernels`` in the background unless it ran or runs for ``key``; True if it was started."""
+    def start(self, key: Hashable, prepare: Callable[[], Callable[[], None] | None]) -> bool:
+        """Unless it ran or runs for ``key``: call ``prepare`` here, in the caller's thread, and run what it returns
+        (the compile) in the background; True if a compile was started. ``prepare`` builds what the compile needs
+        where building may touch process-wide state (a model built under the meta device sets the default device
+        for a moment) that a background thread must not change under the caller; the compile itself may only use
+        thread-local state. A ``prepare`` that fails only logs, once per key."""
         with self._lock:
             if key in self._threads:
+                return False
+            self._threads[key] = None  # asked once, whatever happens next
+            try:
+                compile_kernels = prepare()
+            except Exception as e:  # noqa: BLE001 - the first forward compiles what this did not
+                log.warning("preparing the GPU kernels' compile for %s failed (%s: %s); the first step compiles them",
+                            key, type(e).__name__, e)
+                return False
+            if compile_kernels is None:
                 return False
             thread = threading.Thread(target=self._run, args=(key, compile_kernels), daemon=True,
                                       name=f"video-offload kernel warm-up {key}")

@@ -321,15 +321,15 @@ class OffloadManager:
         return model.source.identity, name, model.dtypes.get(name), str(self.device)
 
     def _warm_up_kernels(self, model: LoadedModel, name: str, config: OffloadConfig) -> None:
-        """Start compiling the kernels DiT ``name``'s sliced forward launches (the family's ``compile_kernels``), in
-        the background, from a weightless copy: it overlaps the placement and what runs before the first step. Not
+        """Start compiling the kernels DiT ``name``'s sliced forward launches (the family's ``kernel_compile``), in
+        the background, from its config alone: it overlaps the placement and what runs before the first step. Not
         with ``dit_activation_chunking="off"``: the blocks then run their own forward, which needs none."""
-        compile_kernels = getattr(model.spec.stages, "compile_kernels", None)
-        if compile_kernels is None or self.device.type != "cuda" or config.dit_activation_chunking == "off":
+        kernel_compile = getattr(model.spec.stages, "kernel_compile", None)
+        if kernel_compile is None or self.device.type != "cuda" or config.dit_activation_chunking == "off":
             return
-        component, dtype, device = model.spec.component(name), model.dtypes.get(name), self.device
+        dtype, device = model.dtypes.get(name), self.device
         self.kernel_warmup.start(self._kernel_key(model, name),
-                                 lambda: compile_kernels(model.source.empty_model(component, dtype), dtype, device))
+                                 lambda: kernel_compile(model.source.config(name), dtype, device))
 
     def wait_for_kernels(self, model: LoadedModel, name: str) -> float:
         """Before the first forward that launches them: wait for DiT ``name``'s background compile (seconds)."""

@@ -310,9 +310,9 @@ class FamilyStages(Protocol):
     # Optional step (looked up with getattr; a family without it keeps the denoising loop's latents unchanged):
     #   finish_latents(latents, conditioning) -> latents: the sampled latents as the pipeline returns them, e.g. the
     #       start frame pasted back in (Wan2.2 TI2V-5B).
-    #   compile_kernels(dit, dtype, device) -> None: compile, running nothing, the GPU kernels the DiT's forward will
-    #       launch on ``device`` (``dit`` may be weightless); the offload manager runs it in the background when it
-    #       places a DiT (``core.kernel_warmup``).
+    #   kernel_compile(dit_config, dtype, device) -> Callable[[], None] | None: the compile, running nothing, of the
+    #       GPU kernels the DiT's forward will launch on ``device``, built in the caller's thread and returned to be
+    #       run in the background (the offload manager does so when it places a DiT: ``core.kernel_warmup``).
 
 
 @dataclass(frozen=True)

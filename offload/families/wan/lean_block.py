@@ -26,6 +26,7 @@ prepared for context parallelism keep their own forward.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -239,46 +240,48 @@ def lean_tokens(block: nn.Module) -> int | None:
 
 
 COMPILE_SLICE = 4
-"""Tokens per slice of :func:`compile_lean_kernels`' meta forward (of eight tokens: two slices, as a real run has)."""
+"""Tokens per slice of :func:`lean_kernel_compile`'s meta forward (of eight tokens: two slices, as a real run has)."""
 
 
-def compile_lean_kernels(dit: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-    """Compile, running nothing, the one-pass kernels (``pointwise``) that lean forwards of ``dit``'s blocks launch
-    on CUDA ``device``, for a DiT computing in ``dtype``; ``dit`` may be weightless (on the meta device).
+def lean_kernel_compile(config: dict, dtype: torch.dtype, device: torch.device) -> Callable[[], None]:
+    """The compile, running nothing, of the one-pass kernels (``pointwise``) that lean forwards of the blocks of a
+    Wan DiT with ``config``, computing in ``dtype``, launch on CUDA ``device``: built here, returned to be run later
+    (in the background: ``core.kernel_warmup``).
 
     On a machine that has never compiled them (Triton keeps them on disk after), the first denoising step of a 14B
-    model spent about 1.2 s compiling (H200, 480p81, 6 GiB cap: 7.69 s against 6.53 s in a later process). The
-    offload manager calls this in the background when it places a DiT, so the compile overlaps the loading and the
-    prompt's encode. The kernels specialise on their operands' dtypes and strides, not on the token count
-    (``pointwise_kernels``), so one block's lean forward over eight tokens in two slices, on meta tensors, asks for
-    every variant a real sequence of any length will: the self-attention's norm, modulation, rotary embedding and
-    gated residual into slices of whole-sequence tensors, the feed-forward's in place; and once more with one
-    modulation per token (Wan2.2 TI2V's)."""
+    model spent 1.9 s compiling (H200, 480p81, 6 GiB cap: 7.79 s against 5.82 s for the second step). The kernels
+    specialise on their operands' dtypes and strides, not on the token count (``pointwise_kernels``), so one block's
+    lean forward over eight tokens in two slices, on meta tensors, asks for every variant a real sequence of any
+    length will: the self-attention's norm, modulation, rotary embedding and gated residual into slices of
+    whole-sequence tensors, the feed-forward's in place; and once more with one modulation per token (Wan2.2
+    TI2V's). The weightless one-block model is built here, in the caller's thread: building a model under the meta
+    device touches process-wide state (``torch.device``'s context sets the default device) that another thread
+    must not see change under it; the returned compile only runs a forward under thread-local modes."""
+    from diffusers import WanTransformer3DModel
+
     from .pointwise import compiling_only
 
-    config = dit.config
-    inner = config.num_attention_heads * config.attention_head_dim
-    p_t, p_h, p_w = config.patch_size
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
     meta = torch.device("meta")
-    latents = torch.empty((1, config.in_channels, 2 * p_t, 2 * p_h, 2 * p_w), device=meta)
-    # the model's own rotary table gives the frequencies' real dtype (their values do not matter here)
-    rotary = tuple(t.to(meta) for t in dit.rope(latents))
+    with meta:
+        one_layer = WanTransformer3DModel.from_config({**config, "num_layers": 1}).eval()
+    inner = one_layer.config.num_attention_heads * one_layer.config.attention_head_dim
+    p_t, p_h, p_w = one_layer.config.patch_size
+    latents = torch.empty((1, one_layer.config.in_channels, 2 * p_t, 2 * p_h, 2 * p_w), device=meta)
+    rotary = one_layer.rope(latents)  # float32, as diffusers keeps the rotary table (`_keep_in_fp32_modules`)
     tokens = rotary[0].shape[1]
-    block = _meta_copy(dit, dtype)
+    block = nn.Module.to(one_layer.blocks[0], dtype)
     apply_lean_blocks([block], COMPILE_SLICE)
     x = torch.empty((1, tokens, inner), dtype=dtype, device=meta)
     image_tokens = 257 if block.attn2.add_k_proj is not None else 0  # CLIP's, ahead of the text's 512
     context = torch.empty((1, 512 + image_tokens, inner), dtype=dtype, device=meta)
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with torch.no_grad(), on_device, compiling_only():
-        for temb in (torch.empty((1, 6, inner), dtype=dtype, device=meta),
-                     torch.empty((1, tokens, 6, inner), dtype=dtype, device=meta)):
-            block(x, context, temb, rotary)
+    tembs = (torch.empty((1, 6, inner), dtype=dtype, device=meta),
+             torch.empty((1, tokens, 6, inner), dtype=dtype, device=meta))
 
+    def compile_kernels() -> None:
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with torch.no_grad(), on_device, compiling_only():
+            for temb in tembs:
+                block(x, context, temb, rotary)
 
-def _meta_copy(dit: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A weightless block shaped as ``dit``'s (its class, built from its config with one layer, on meta)."""
-    config = {k: v for k, v in dit.config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        one_layer = type(dit).from_config({**config, "num_layers": 1})
-    return nn.Module.to(one_layer, dtype).blocks[0]
+    return compile_kernels

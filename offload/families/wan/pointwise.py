@@ -17,7 +17,7 @@ Off CUDA, without Triton (a CPU build), or for a layout the kernels do not take,
 expression itself, which is also the reference.
 
 Within :func:`compiling_only` the same functions take meta tensors and compile the kernels they would launch for
-real tensors of those dtypes and layouts, running nothing: how ``lean_block.compile_lean_kernels`` compiles a model's
+real tensors of those dtypes and layouts, running nothing: how ``lean_block.lean_kernel_compile`` compiles a model's
 kernels in the background before its first step needs them.
 """
 

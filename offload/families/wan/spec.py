@@ -150,10 +150,10 @@ class WanStages:
     def tokenwise_modules(self, dit: nn.Module) -> list[nn.Module]:
         return [block.ffn for block in dit.blocks]
 
-    def compile_kernels(self, dit: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-        from .lean_block import compile_lean_kernels
+    def kernel_compile(self, dit_config: dict, dtype: torch.dtype, device: torch.device):
+        from .lean_block import lean_kernel_compile
 
-        compile_lean_kernels(dit, dtype, device)
+        return lean_kernel_compile(dit_config, dtype, device)
 
     def chunk_blocks(self, dit: nn.Module, max_tokens: int | None) -> bool:
         from .lean_block import apply_lean_blocks, remove_lean_blocks
