@@ -1,12 +1,12 @@
 """GPU kernels compiled in the background while a model loads, so that its first denoising step does not wait.
 
 A family's DiT forward may launch kernels that are compiled on first use (the Wan block's one-pass Triton kernels,
-``families/wan/pointwise``). On a machine that has never run them that compile sat inside the first step: 1.2 s of
-the first 14B step at 480p81 on the H200 (7.69 s against 6.53 s once Triton's disk cache had them), most of what
-kept a fresh machine's whole run over 1.05x the resident one (issue 10). Nothing in the compile depends on the
-weights, only on the model's shapes and dtypes, so it can start as soon as the DiT is about to be placed and run
-beside what comes before its first step: reading the weights into host memory, the prompt's encode, the start
-frame's encode.
+``families/wan/pointwise``). On a machine that has never run them that compile sat inside the first step: 1.9 s of
+the first 14B step at 480p81 under a 6 GiB cap on an H200 (7.79 s against 5.82 s for the second step), most of what
+kept a fresh machine's whole run over 1.05x the resident one (issue 10); compiled here, the first step took 6.25 s.
+Nothing in the compile depends on the weights, only on the model's shapes and dtypes, so it can start as soon as the
+DiT is about to be placed and run beside what comes before its first step: reading the weights into host memory, the
+prompt's encode, the start frame's encode.
 
 One :class:`KernelWarmup` belongs to the offload manager. It runs each compile once, in a daemon thread, and lets the
 sampler wait for it before the forward that needs the kernels, so the two never compile the same kernel twice. A
@@ -31,7 +31,9 @@ class KernelWarmup:
     """Background compiles, at most one per key (a model's component, its dtype and device)."""
 
     def __init__(self) -> None:
-        self._threads: dict[Hashable, threading.Thread] = {}
+        self._threads: dict[Hashable, threading.Thread | None] = {}
+        """Per key asked for: its compile's thread, or None where nothing was started (preparing failed or
+        gave nothing to compile)."""
         self._lock = threading.Lock()
         self.seconds: dict[Hashable, float] = {}
         """How long each finished compile took (for logs and benchmarks)."""
