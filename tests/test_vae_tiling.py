@@ -88,6 +88,32 @@ def test_decode_matches_untiled(decoded, name, grid, frame_split):
     assert _frames_diff(out, ref) <= TOL
 
 
+@pytest.mark.parametrize("name", ["wan21-small", "wan22-tiny"])
+@pytest.mark.parametrize("grid", [(1, 2), (2, 3)])
+def test_frames_made_per_tile_are_the_frames_of_the_assembled_video(decoded, name, grid):
+    """``frames=True`` (what the pipeline runs): each tile turned into 0..1 frames where it is decoded, assembled in
+    ComfyUI's [B, F, H, W, C] layout - bit for bit the frames of the video assembled first, and within the bound of
+    the untiled decode's frames (one definition, ``video_to_frames``, for both)."""
+    vae, z, ref = decoded(name)
+    frames = tv.decode_tiled(vae, z, grid, output_device="cpu", store_device="cpu", frames=True)
+    video = tv.decode_tiled(vae, z, grid, output_device="cpu", store_device="cpu")
+    assert frames.is_contiguous() and frames.dtype == torch.float32
+    assert frames.shape == (1, video.shape[2], *video.shape[-2:], video.shape[1])
+    assert torch.equal(frames, tv.video_to_frames(video))
+    assert float((frames - tv.video_to_frames(ref)).abs().max()) <= TOL
+
+
+def test_one_frame_of_the_store_is_one_contiguous_block():
+    """The latent-size store between the global part and the tiles is frame-major, so that one frame of it in host
+    memory is one DMA each way (a channel-major frame is a strided, synchronous copy)."""
+    store = tv._store_buffer((1, 8, 5, 6, 7), torch.float32, torch.device("cpu"), torch.device("cpu"))
+    assert store.shape == (1, 8, 5, 6, 7)
+    for k in range(5):
+        frame = store[:, :, k : k + 1]
+        assert frame.is_contiguous()
+        assert frame.data_ptr() == store.data_ptr() + k * 8 * 6 * 7 * store.element_size()
+
+
 @pytest.mark.parametrize("global_resnets", [True, False])
 def test_decode_global_split_points(small, global_resnets):
     vae, z, ref = small

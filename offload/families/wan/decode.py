@@ -19,17 +19,14 @@ def decode_latents(
     ``tiling`` (``tiling_policy``) the decode runs in exact spatial tiles and assembles the video in host memory.
     """
     from .tiling_policy import decode_grid
+    from .vae_tiling import decode_tiled, video_to_frames
 
     dtype = next(vae.parameters()).dtype
     raw = space.to_raw(latents.to(device=device, dtype=dtype))
     tiles = decode_grid(vae, tuple(raw.shape), tiling, available_bytes)
     if tiles is None:
-        video = vae.decode(raw, return_dict=False)[0]
-    else:
-        from .vae_tiling import decode_tiled
-
-        video = decode_tiled(vae, raw, tiles.grid, output_device="cpu", store_device="cpu",
-                             frame_split=tiles.frame_split)
-    # [1, 3, F, H, W] in -1..1 -> [F, H, W, 3] in 0..1, the layout ComfyUI's IMAGE uses.
-    frames = (video[0] * 0.5 + 0.5).clamp(0, 1)
-    return frames.permute(1, 2, 3, 0).float().cpu().contiguous()
+        # [1, 3, F, H, W] in -1..1 -> [F, H, W, 3] in 0..1, the layout ComfyUI's IMAGE uses
+        return video_to_frames(vae.decode(raw, return_dict=False)[0])[0].cpu().contiguous()
+    # the tiles are made into frames on the device and assembled in host memory while the next ones decode
+    return decode_tiled(vae, raw, tiles.grid, output_device="cpu", store_device="cpu", frame_split=tiles.frame_split,
+                        frames=True)[0]

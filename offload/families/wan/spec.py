@@ -150,6 +150,12 @@ class WanStages:
     def tokenwise_modules(self, dit: nn.Module) -> list[nn.Module]:
         return [block.ffn for block in dit.blocks]
 
+    def decode_planner(self, vae_cls: type, vae_config: dict, dtype: torch.dtype, latent_shape: tuple[int, ...],
+                       tiling: str, available_bytes: int | None):
+        from .tiling_policy import decode_planner
+
+        return decode_planner(vae_cls, vae_config, dtype, latent_shape, tiling, available_bytes)
+
     def kernel_compile(self, dit_config: dict, dtype: torch.dtype, device: torch.device):
         from .lean_block import lean_kernel_compile
 

@@ -10,6 +10,8 @@ memory. A device too small even for the finest grid is an out-of-memory error, w
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,6 +57,17 @@ def _untiled_fits(peak, budget: int) -> bool:
 
 def decode_grid(vae, latent_shape: tuple[int, ...], mode: str, available: int | None) -> VaeTiling | None:
     """The decode's tiling (grid, and whether frames are split), or None for diffusers' untiled decode."""
+    started = time.perf_counter()
+    tiling = _decode_tiling(vae, latent_shape, mode, available)
+    if tiling is not None:
+        seconds = time.perf_counter() - started
+        logger.info("VAE decode of %s latents in %dx%d tiles%s (vae_tiling=%s, %s bytes free; planned in %.2f s)",
+                    tuple(latent_shape), *tiling.grid, ", frames one at a time" if tiling.frame_split else "", mode,
+                    available, seconds, extra={"plan_seconds": seconds, "vae_pass": "decode"})
+    return tiling
+
+
+def _decode_tiling(vae, latent_shape: tuple[int, ...], mode: str, available: int | None) -> VaeTiling | None:
     from .vae_tiling import choose_decode_tiling, estimate_decode_memory
 
     if mode == "off":
@@ -62,22 +75,44 @@ def decode_grid(vae, latent_shape: tuple[int, ...], mode: str, available: int | 
     budget = _budget(mode, available, 0)
     if budget is None:
         return None
+    # lean: the one-tile pass as the chooser replays it (frames made on the device); else diffusers' decode
     if mode == "auto" and _untiled_fits(
-            lambda lean: estimate_decode_memory(vae, latent_shape, (1, 1), frame_split=False, lean=lean).peak, budget):
+            lambda lean: estimate_decode_memory(vae, latent_shape, (1, 1), frame_split=False, lean=lean,
+                                                frames=lean).peak, budget):
         return None
     try:
         tiling = choose_decode_tiling(vae, latent_shape, budget, output_on_device=False, store_on_device=False)
     except MemoryError as e:
         raise torch.OutOfMemoryError(f"VAE decode: even the finest tiling needs more than {budget} bytes") from e
-    if mode == "on":
-        tiling = tiling.at_least_two()
-    logger.info("VAE decode of %s latents in %dx%d tiles%s (vae_tiling=%s, %s bytes free)", tuple(latent_shape),
-                *tiling.grid, ", frames one at a time" if tiling.frame_split else "", mode, available)
-    return tiling
+    return tiling.at_least_two() if mode == "on" else tiling
+
+
+def decode_planner(vae_cls: type, vae_config: dict, dtype: torch.dtype, latent_shape: tuple[int, ...], mode: str,
+                   available: int | None) -> Callable[[], object]:
+    """Planning of a decode to come, for the offload manager to run in the background while the DiT samples: its
+    replays then wait in the planner's caches for the decode, which finds its tiling at once when it has the memory
+    predicted here (else it replays what differs). Called in the caller's thread, it builds what the replays need -
+    a weightless VAE of ``vae_cls`` from ``vae_config`` and the planner's own copy of it - since building modules
+    touches process-wide state; the returned planning uses only thread-local state."""
+    from .vae_tiling import weightless_vae
+
+    vae = weightless_vae(vae_cls, vae_config, dtype)
+    return lambda: _decode_tiling(vae, tuple(latent_shape), mode, available)
 
 
 def encode_grid(vae, video_shape: tuple[int, ...], mode: str, available: int | None) -> VaeTiling | None:
     """The encode's tiling (the image-to-video start-frame video), or None for diffusers' untiled encode."""
+    started = time.perf_counter()
+    tiling = _encode_tiling(vae, video_shape, mode, available)
+    if tiling is not None:
+        seconds = time.perf_counter() - started
+        logger.info("VAE encode of a %s video in %dx%d tiles%s (vae_tiling=%s, %s bytes free; planned in %.2f s)",
+                    tuple(video_shape), *tiling.grid, ", frames one at a time" if tiling.frame_split else "", mode,
+                    available, seconds, extra={"plan_seconds": seconds, "vae_pass": "encode"})
+    return tiling
+
+
+def _encode_tiling(vae, video_shape: tuple[int, ...], mode: str, available: int | None) -> VaeTiling | None:
     from .vae_tiling import choose_encode_tiling, estimate_encode_memory
 
     if mode == "off":
@@ -94,7 +129,4 @@ def encode_grid(vae, video_shape: tuple[int, ...], mode: str, available: int | N
     except MemoryError as e:
         raise torch.OutOfMemoryError(f"VAE encode: even the finest tiling needs more than {budget} bytes") from e
     # whatever the replay says of one tile, the untiled pass is what was ruled out
-    tiling = tiling.at_least_two()
-    logger.info("VAE encode of a %s video in %dx%d tiles%s (vae_tiling=%s, %s bytes free)", tuple(video_shape),
-                *tiling.grid, ", frames one at a time" if tiling.frame_split else "", mode, available)
-    return tiling
+    return tiling.at_least_two()

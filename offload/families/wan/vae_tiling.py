@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_flatten
 from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from ...core.host_copies import HostWriter, to_device
 from ...core.plan_cache import PlanCache, default_cache_dir, fingerprint
 from .vae_resnet import activate, cached_conv, residual_block, rms_norm
 
@@ -216,9 +217,10 @@ def _decoder_ops(vae, skip_resnets: int) -> list[_Op]:
     return ops
 
 
-def _decode_global(vae, z: torch.Tensor, store: torch.Tensor, n_resnets: int) -> None:
+def _decode_global(vae, z: torch.Tensor, store: torch.Tensor, n_resnets: int, writer: HostWriter) -> None:
     """post_quant_conv over all of z (as diffusers), then conv_in, the mid block and the first ``n_resnets``
-    resnets of up_blocks[0], frame by frame, each frame written into ``store``."""
+    resnets of up_blocks[0], frame by frame, each frame written into ``store`` (by ``writer``: it may be host
+    memory)."""
     dec = vae.decoder
     resnets = list(dec.up_blocks[0].resnets)[:n_resnets]
     x = vae.post_quant_conv(z)
@@ -229,7 +231,7 @@ def _decode_global(vae, z: torch.Tensor, store: torch.Tensor, n_resnets: int) ->
         y = dec.mid_block(y, feat_cache=cache, feat_idx=idx)
         for r in resnets:
             y = r(y, feat_cache=cache, feat_idx=idx)
-        store[:, :, k : k + 1].copy_(y, non_blocking=True)
+        writer.write(store[:, :, k : k + 1], y)
         del y
 
 
@@ -393,6 +395,21 @@ def _buffer(shape, dtype, compute: torch.device, where: torch.device) -> torch.T
     return torch.empty(shape, dtype=dtype, device=where, pin_memory=pin)
 
 
+def _store_buffer(shape, dtype, compute: torch.device, where: torch.device) -> torch.Tensor:
+    """The latent-size ``[B, C, T, h, w]`` buffer between the global part and the tiles, laid out frame-major in
+    memory: one frame of it (``store[:, :, k:k+1]``, batch 1) is one contiguous block, which in host memory is one
+    DMA each way (``core.host_copies``) where a channel-major frame would be a synchronous strided copy."""
+    b, c, t, h, w = shape
+    return _buffer((b, t, c, h, w), dtype, compute, where).transpose(1, 2)
+
+
+def video_to_frames(video: torch.Tensor) -> torch.Tensor:
+    """A decoded video ``[B, C, F, H, W]`` in -1..1 as frames ``[B, F, H, W, C]`` float32 in 0..1 - diffusers'
+    ``x * 0.5 + 0.5`` clamped, the layout of ComfyUI's IMAGE - as a view where it can be (not contiguous). The one
+    definition both the untiled decode and the tiles use, so their frames are the same bit for bit."""
+    return (video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).float()
+
+
 def _frames_out(vae, t_latent: int) -> int:
     ft = 2 ** sum(isinstance(m, wan.WanResample) and m.mode == "upsample3d" for m in vae.decoder.modules())
     return 1 + (t_latent - 1) * ft
@@ -405,11 +422,13 @@ class _TileRun:
     tile's caches alive until the garbage collector runs, i.e. into the next tile.
     """
 
-    def __init__(self, vae, plan: DecodePlan, tile: _Tile, out: torch.Tensor, frame_split: bool, lean: bool = True):
+    def __init__(self, vae, plan: DecodePlan, tile: _Tile, out: torch.Tensor, frame_split: bool, lean: bool,
+                 writer: HostWriter, frames: bool):
         self.ops = _decoder_ops(vae, plan.global_resnets)
         self.caches = [[None] * _n_slots(op.module if op.kind != "head" else op.module.conv_out) for op in self.ops]
         self.block_inputs: dict[int, tuple[torch.Tensor, Region]] = {}
         self.plan, self.tile, self.out, self.frame_split, self.lean = plan, tile, out, frame_split, lean
+        self.writer, self.frames = writer, frames
         self.p = vae.config.patch_size or 1
         self.t_out = 0
 
@@ -420,7 +439,11 @@ class _TileRun:
             y = wan.unpatchify(y, patch_size=p)
         y = torch.clamp(y, min=-1.0, max=1.0)
         n = y.shape[2]
-        self.out[:, :, self.t_out : self.t_out + n, p * r0 : p * r1, p * c0 : p * c1].copy_(y, non_blocking=True)
+        t, rows, cols = slice(self.t_out, self.t_out + n), slice(p * r0, p * r1), slice(p * c0, p * c1)
+        if self.frames:  # made on the device, a tile at a time: the host only puts them in place
+            self.writer.write(self.out[:, t, rows, cols], video_to_frames(y))
+        else:
+            self.writer.write(self.out[:, :, t, rows, cols], y)
         self.t_out += n
 
     def run(self, i: int, x: torch.Tensor, first_chunk: bool) -> None:
@@ -450,27 +473,30 @@ class _TileRun:
 
 
 def _decode_tile(vae, plan: DecodePlan, tile: _Tile, store: torch.Tensor, out: torch.Tensor, device,
-                 frame_split: bool, lean: bool = True) -> None:
-    run = _TileRun(vae, plan, tile, out, frame_split, lean)
+                 frame_split: bool, lean: bool, writer: HostWriter, frames: bool) -> None:
+    run = _TileRun(vae, plan, tile, out, frame_split, lean, writer, frames)
     r0, r1, c0, c1 = tile.regions[0]
     for k in range(store.shape[2]):
-        x = store[:, :, k : k + 1, r0:r1, c0:c1].to(device, non_blocking=True)
+        # the whole frame travels (one DMA from a host store) and is cropped on the device
+        x = to_device(store[:, :, k : k + 1], device)[..., r0:r1, c0:c1].contiguous()
         run.run(0, x, first_chunk=(k == 0))
         del x
-    if run.t_out != out.shape[2]:
-        raise RuntimeError(f"decoded {run.t_out} frames, expected {out.shape[2]}")
+    if run.t_out != out.shape[1 if frames else 2]:
+        raise RuntimeError(f"decoded {run.t_out} frames, expected {out.shape[1 if frames else 2]}")
 
 
 @torch.no_grad()
 def decode_tiled(vae, z: torch.Tensor, grid=None, *, budget_bytes: int | None = None, frame_split: bool = True,
-                 output_device=None, store_device=None, plan: DecodePlan | None = None) -> torch.Tensor:
-    """``vae.decode(z).sample`` computed tile by tile: ``[B, C, F, H, W]``, clamped to -1..1.
+                 output_device=None, store_device=None, plan: DecodePlan | None = None,
+                 frames: bool = False) -> torch.Tensor:
+    """``vae.decode(z).sample`` computed tile by tile: ``[B, C, F, H, W]``, clamped to -1..1; with ``frames``,
+    that video as :func:`video_to_frames` gives it, ``[B, F, H, W, C]`` in 0..1, made tile by tile on the device.
 
     grid: ``(rows, cols)`` of spatial tiles; None takes the cheapest grid whose estimated activation peak fits
       ``budget_bytes`` (untiled when no budget is given).
     frame_split: frames made by a temporal upsample enter the next block one at a time (less memory, same math).
     output_device: where the video is assembled (default z's device). "cpu" keeps it off the GPU; tiles are
-      copied out through pinned memory.
+      copied out through pinned memory while the next ones are computed (``core.host_copies``).
     store_device: where the latent-size output of the global part waits for the tiles (default z's device).
     """
     device = z.device
@@ -487,13 +513,17 @@ def decode_tiled(vae, z: torch.Tensor, grid=None, *, budget_bytes: int | None = 
     p = vae.config.patch_size or 1
     c_out = dec.conv_out.out_channels // (p * p)
     s = plan.scales[-1] * p
-    store = _buffer((b, plan.store_channels, t, h, w), z.dtype, device, store_device)
-    _decode_global(vae, z, store, plan.global_resnets)
-    out = _buffer((b, c_out, _frames_out(vae, t), h * s, w * s), z.dtype, device, output_device)
+    writer = HostWriter()
+    store = _store_buffer((b, plan.store_channels, t, h, w), z.dtype, device, store_device)
+    _decode_global(vae, z, store, plan.global_resnets, writer)
+    n_frames = _frames_out(vae, t)
+    if frames:  # assembled by the host from staged tiles: ordinary (pageable) memory
+        out = torch.empty((b, n_frames, h * s, w * s, c_out), dtype=torch.float32, device=output_device)
+    else:
+        out = _buffer((b, c_out, n_frames, h * s, w * s), z.dtype, device, output_device)
     for tile in plan.tiles:
-        _decode_tile(vae, plan, tile, store, out, device, frame_split)
-    if output_device != device and device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
+        _decode_tile(vae, plan, tile, store, out, device, frame_split, True, writer, frames)
+    writer.finish(device if output_device != device or store_device != device else None)
     return out
 
 
@@ -518,7 +548,7 @@ def _encode_tile(vae, plan: EncodePlan, tile: _Tile, video: torch.Tensor, store:
     core = (*tile.rows, *tile.cols)
     for k, (f0, f1) in enumerate(_chunks(video.shape[2])):
         # the video may be a host tensor: only this tile's frames of this chunk travel
-        x = video[:, :, f0:f1, p * i0 : p * i1, p * j0 : p * j1].to(device, non_blocking=True)
+        x = to_device(video[:, :, f0:f1, p * i0 : p * i1, p * j0 : p * j1], device)
         if p > 1:
             x = wan.patchify(x, patch_size=p)
         # Before the first temporal downsample the stages may see one frame at a time (frame_split: a quarter of
@@ -680,6 +710,17 @@ def _vae_key(vae) -> tuple:
     return type(vae), json.dumps(config, sort_keys=True), str(next(vae.parameters()).dtype)
 
 
+def weightless_vae(cls: type, config: dict, dtype: torch.dtype) -> nn.Module:
+    """A VAE of ``cls`` built from ``config`` on the meta device, with the replays' own copy of it made too: what
+    planning needs of a VAE that is not loaded, built here because building touches process-wide state (the
+    default device) that planning in a background thread must not (``tiling_policy.decode_planner``)."""
+    with torch.device("meta"):
+        vae = cls.from_config(config).eval()
+    vae = nn.Module.to(vae, dtype)
+    _meta_vae(_vae_key(vae))
+    return vae
+
+
 @functools.lru_cache(maxsize=4)
 def _meta_vae(key: tuple):
     """A weightless copy of a VAE (same config and dtype) on the meta device."""
@@ -720,23 +761,25 @@ def _worst_tiles(tiles) -> list[_Tile]:
 
 
 def estimate_decode_memory(vae, latent_shape, grid=(1, 1), *, frame_split=True, output_on_device=True, lean=True,
-                           store_on_device=True, probe_frames: int = 3) -> MemoryEstimate:
+                           store_on_device=True, probe_frames: int = 3, frames: bool = True) -> MemoryEstimate:
     """Peak activation bytes of ``decode_tiled`` for ``latent_shape = (B, C, T, h, w)``.
 
     Replays the code on the meta device for ``probe_frames`` latent frames (the causal caches are full from the
     second frame on, so later frames repeat the same pattern) for the worst tile, and scales the
     frame-proportional buffers (store, output) to T. Results are cached per (config, dtype, shape, options).
+    ``frames``: the tiles made into frames on the device (``decode_tiled(frames=True)``, what the pipeline runs).
     """
     est = _estimate_decode(_vae_key(vae), tuple(latent_shape), tuple(grid), frame_split, output_on_device, lean,
-                           store_on_device, probe_frames)
+                           store_on_device, probe_frames, frames)
     return MemoryEstimate(*est, _weights(vae))
 
 
 @functools.lru_cache(maxsize=256)
-def _estimate_decode(key, latent_shape, grid, frame_split, output_on_device, lean, store_on_device, probe_frames):
+def _estimate_decode(key, latent_shape, grid, frame_split, output_on_device, lean, store_on_device, probe_frames,
+                     frames=True):
     b, c, t, h, w = latent_shape
     global_peak, tile_peak, store_probe, out_probe, store_frame, out_frame, frames_per_latent = _replay_decode(
-        key, (b, c, min(t, probe_frames), h, w), grid, frame_split, lean)
+        key, (b, c, min(t, probe_frames), h, w), grid, frame_split, lean, frames)
     store_full = store_frame * t if store_on_device else 0
     out_full = out_frame * (1 + (t - 1) * frames_per_latent) if output_on_device else 0
     # the probe's store and output covered its frames; the real ones cover t (or live on the host)
@@ -748,7 +791,7 @@ def _estimate_decode(key, latent_shape, grid, frame_split, output_on_device, lea
 @functools.lru_cache(maxsize=256)
 @_kept_on_disk("vae-decode-replay")
 @torch.no_grad()
-def _replay_decode(key, probe_shape, grid, frame_split, lean=True):
+def _replay_decode(key, probe_shape, grid, frame_split, lean=True, frames=True):
     """The meta replay behind :func:`estimate_decode_memory`, for ``probe_shape``'s few latent frames: the peaks of
     the global part and of the worst tile, the probe's store and output bytes, and the bytes per frame of both and
     the output frames per latent frame, so that any frame count and buffer placement is arithmetic on it."""
@@ -760,23 +803,27 @@ def _replay_decode(key, probe_shape, grid, frame_split, lean=True):
     c_out = meta.decoder.conv_out.out_channels // (p * p)
     s = plan.scales[-1] * p
     item = torch.empty((), dtype=dtype).element_size()
+    out_item = 4 if frames else item  # frames are float32
     meta_dev = torch.device("meta")
+    writer = HostWriter()  # on meta every write is a plain copy
     with _GpuKernels(), _LiveBytes() as mem:
         z = torch.empty((b, c, tp, h, w), dtype=dtype, device=meta_dev)
         store = torch.empty((b, plan.store_channels, tp, h, w), dtype=dtype, device=meta_dev)
-        _decode_global(meta, z, store, plan.global_resnets)
+        _decode_global(meta, z, store, plan.global_resnets, writer)
         del z
         global_peak = mem.peak
-        out_probe = torch.empty((b, c_out, _frames_out(meta, tp), h * s, w * s), dtype=dtype, device=meta_dev)
+        n_out = _frames_out(meta, tp)
+        out_probe = (torch.empty((b, n_out, h * s, w * s, c_out), dtype=torch.float32, device=meta_dev) if frames
+                     else torch.empty((b, c_out, n_out, h * s, w * s), dtype=dtype, device=meta_dev))
         tile_peak = 0
         for tile in _worst_tiles(plan.tiles):
             mem.reset_peak()
-            _decode_tile(meta, plan, tile, store, out_probe, meta_dev, frame_split, lean)
+            _decode_tile(meta, plan, tile, store, out_probe, meta_dev, frame_split, lean, writer, frames)
             tile_peak = max(tile_peak, mem.peak)
         store_probe = store.numel() * item
-        out_probe_bytes = out_probe.numel() * item
+        out_probe_bytes = out_probe.numel() * out_item
     store_frame = b * plan.store_channels * h * w * item
-    out_frame = b * c_out * h * s * w * s * item
+    out_frame = b * c_out * h * s * w * s * out_item
     return global_peak, tile_peak, store_probe, out_probe_bytes, store_frame, out_frame, _frames_out(meta, 2) - 1
 
 
@@ -831,12 +878,24 @@ def _replay_encode(key, probe_shape, grid, frame_split, lean=True):
             mem.reset_peak()
             _encode_tile(meta, plan, tile, video, store, meta_dev, frame_split, lean)
             tile_peak = max(tile_peak, mem.peak)
-        mem.reset_peak()
-        outs = _encode_global(meta.encoder, store, meta_dev)
-        meta.quant_conv(torch.cat(outs, dim=2))
-        global_peak = mem.peak
         mem.current += video_probe  # balance the finalizer of the meta video
-    return global_peak, tile_peak, store_probe, b * dim * h * w * item, item
+    return _replay_encode_global(key, (b, dim, len(_chunks(fp)), h, w)), tile_peak, store_probe, b * dim * h * w * item, item
+
+
+@functools.lru_cache(maxsize=64)
+@_kept_on_disk("vae-encode-global-replay")
+@torch.no_grad()
+def _replay_encode_global(key, store_shape):
+    """The peak of the encoder's global part over a latent-size store of ``store_shape`` (the store included): the
+    same for every grid, so replayed once per size rather than with each grid's tiles (a third of a replay's time,
+    on the path of a process's first start-frame encode)."""
+    meta = _meta_vae(key)
+    with _GpuKernels(), _LiveBytes() as mem:
+        store = torch.empty(store_shape, dtype=next(meta.parameters()).dtype, device="meta")
+        mem.reset_peak()
+        outs = _encode_global(meta.encoder, store, torch.device("meta"))
+        meta.quant_conv(torch.cat(outs, dim=2))
+        return mem.peak
 
 
 def count_flops(vae, latent_shape, grid=(1, 1), *, encode: bool = False) -> int:
@@ -912,7 +971,9 @@ def _choose(h: int, w: int, estimate, budget: int) -> tuple[int, int]:
     """Cheapest grid whose ``estimate(grid)`` (a :class:`MemoryEstimate`) has a peak within ``budget``. Memory only
     grows with the tile size, so a grid whose tiles are no smaller than those of a grid that did not fit is skipped,
     if the finest grid does not fit nothing does, and a grid that the replays so far predict to be far over the
-    budget is skipped (:data:`SKIP_PREDICTED_OVER`)."""
+    budget is skipped (:data:`SKIP_PREDICTED_OVER`). The finest grid is replayed only once two grids have not fit
+    (a tight budget, where it anchors the guesses) or none did: where the first or second grid fits, as on a
+    6-12 GiB card at 480p-720p, its replay would be a third of the plan's time for nothing."""
     grids = _grids(h, w)
     finest = max(grids, key=lambda g: (g[0] * g[1], -abs(h / g[0] - w / g[1])))
 
@@ -940,20 +1001,29 @@ def _choose(h: int, w: int, estimate, budget: int) -> tuple[int, int]:
             return seen[a]
         return seen[below] + (seen[above] - seen[below]) * (a - below) / (above - below)
 
-    if replay(finest) > budget:
-        raise MemoryError("no tiling of the VAE pass fits the memory budget; free GPU memory or keep the output "
-                          "and the store on the CPU (output_device='cpu', store_device='cpu')")
+    finest_fits: list[bool] = []
+
+    def check_finest() -> None:
+        if not finest_fits:
+            finest_fits.append(replay(finest) <= budget)
+        if not finest_fits[0]:
+            raise MemoryError("no tiling of the VAE pass fits the memory budget; free GPU memory or keep the output "
+                              "and the store on the CPU (output_device='cpu', store_device='cpu')")
+
     too_big = []
     for g in grids:
         tile = tile_of(g)
         if any(tile[0] >= a and tile[1] >= b for a, b in too_big):
             continue
+        if len(too_big) == 2:  # a tight budget: the finest grid answers whether anything fits, and anchors guesses
+            check_finest()
         guess = predicted(g) if len(seen) >= 2 else None
         if guess is not None and guess > SKIP_PREDICTED_OVER * budget:
             continue
         if replay(g) <= budget:
             return g
         too_big.append(tile)
+    check_finest()
     return finest
 
 
