@@ -1,4 +1,4 @@
-"""The DiT's GPU kernels compiled ahead, in the background (``core/kernel_warmup.py``, ``lean_block.lean_kernel_compile``).
+"""The DiT's GPU kernels compiled ahead, in the background (``core/background.py``, ``lean_block.lean_kernel_compile``).
 
 What a user gets: the first denoising step on a machine that never ran the pack does not wait for Triton. That holds
 only if the compile ahead asks for *every* kernel variant the real forward launches. Triton compiles one variant per
@@ -20,7 +20,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from video_offload.offload.core.kernel_warmup import KernelWarmup
+from video_offload.offload.core.background import BackgroundWork
 from video_offload.offload.families.wan import pointwise
 from video_offload.offload.families.wan.lean_block import apply_lean_blocks, lean_kernel_compile
 
@@ -135,7 +135,7 @@ def test_compile_only_mode_is_scoped_to_its_thread(recorded):
 
 
 def test_a_warmup_runs_once_per_key_and_a_forward_waits_for_it():
-    warmup = KernelWarmup()
+    warmup = BackgroundWork()
     runs, prepared = [], []
     gate = threading.Event()
 
@@ -147,49 +147,49 @@ def test_a_warmup_runs_once_per_key_and_a_forward_waits_for_it():
         prepared.append(threading.current_thread().name)  # in the caller's thread
         return slow
 
-    assert warmup.start("dit", prepare)
-    assert not warmup.start("dit", prepare)  # already running: not started twice
+    assert warmup.start("dit", prepare, "GPU kernels")
+    assert not warmup.start("dit", prepare, "GPU kernels")  # already running: not started twice
     threading.Timer(0.2, gate.set).start()
     waited = warmup.wait("dit")
-    assert waited > 0.1 and len(runs) == 1 and runs[0].startswith("video-offload kernel warm-up")
+    assert waited > 0.1 and len(runs) == 1 and runs[0].startswith("video-offload GPU kernels")
     assert prepared == [threading.current_thread().name]
-    assert not warmup.start("dit", prepare)  # already ran
+    assert not warmup.start("dit", prepare, "GPU kernels")  # already ran
     assert warmup.wait("dit") == 0.0 and warmup.wait("never started") == 0.0
     assert "dit" in warmup.seconds
 
 
 def test_a_failed_compile_is_logged_and_a_forward_does_not_wait_for_it(caplog):
-    warmup = KernelWarmup()
+    warmup = BackgroundWork()
 
     def broken():
         raise RuntimeError("no compiler here")
 
-    warmup.start("dit", lambda: broken)
+    warmup.start("dit", lambda: broken, "GPU kernels")
     deadline = time.time() + 5
     while warmup._threads["dit"].is_alive() and time.time() < deadline:
         time.sleep(0.01)
     assert warmup.wait("dit") == 0.0
-    assert "no compiler here" in caplog.text and "the first step compiles them" in caplog.text
+    assert "no compiler here" in caplog.text and "they are done when needed" in caplog.text
 
 
 def test_a_failed_preparation_is_logged_once_and_nothing_waits(caplog):
-    warmup = KernelWarmup()
+    warmup = BackgroundWork()
     calls = []
 
     def prepare():
         calls.append(1)
         raise ValueError("bad config")
 
-    assert not warmup.start("dit", prepare)
-    assert not warmup.start("dit", prepare)
+    assert not warmup.start("dit", prepare, "GPU kernels")
+    assert not warmup.start("dit", prepare, "GPU kernels")
     assert calls == [1] and warmup.wait("dit") == 0.0
     assert "bad config" in caplog.text
 
 
 def test_a_compile_that_hangs_does_not_hang_the_run():
-    warmup = KernelWarmup()
+    warmup = BackgroundWork()
     release = threading.Event()
-    warmup.start("dit", lambda: lambda: release.wait(10))
+    warmup.start("dit", lambda: lambda: release.wait(10), "GPU kernels")
     started = time.perf_counter()
     warmup.wait("dit", timeout=0.2)
     assert time.perf_counter() - started < 2
@@ -250,7 +250,7 @@ folder = build_tiny_wan(sys.argv[1], spec=TinyWanSpec(num_layers=4, num_attentio
 generator = VideoGenerator.from_pretrained(folder, precision="bfloat16", dit_activation_chunking="on")
 generator.generate_video("a cat", height=128, width=192, num_frames=17, num_inference_steps=2, save_video=False)
 print(compiled_by)
-assert compiled_by and all(name.startswith("video-offload kernel warm-up") for name in compiled_by), compiled_by
+assert compiled_by and all(name.startswith("video-offload GPU kernels") for name in compiled_by), compiled_by
 print("ok")
 """
 
@@ -281,7 +281,7 @@ def test_placing_a_dit_starts_its_compile_from_the_model_files_config(tiny_t2v, 
     model = load_model(manager, tiny_t2v, Precision(dit="bfloat16"))
     manager.device = torch.device("cuda")  # only to pass the manager's CUDA check: the compile is run below, here
     asked = []
-    monkeypatch.setattr(manager.kernel_warmup, "start", lambda key, prepare: asked.append((key, prepare)))
+    monkeypatch.setattr(manager.background, "start", lambda key, prepare, what: asked.append((key, prepare)))
     manager._warm_up_kernels(model, "transformer", OffloadConfig(dit_activation_chunking=chunking))
     assert bool(asked) == started
     if started:
@@ -292,3 +292,18 @@ def test_placing_a_dit_starts_its_compile_from_the_model_files_config(tiny_t2v, 
             m.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
             compile_kernels()
         assert {name for name, _, _ in seen["compiled"]} == {"rows", "rotate"}
+
+
+def test_work_that_may_differ_per_run_starts_again_once_the_last_has_ended():
+    """``once=False`` (a decode planned ahead for each run's budget): never two at a time for a key, but again
+    after the last one ended."""
+    work = BackgroundWork()
+    gate, runs = threading.Event(), []
+    assert work.start("plan", lambda: lambda: (gate.wait(5), runs.append(1)), "VAE decode tiles", once=False)
+    assert not work.start("plan", lambda: lambda: runs.append(2), "VAE decode tiles", once=False)  # still running
+    gate.set()
+    work.wait("plan")
+    assert work.start("plan", lambda: lambda: runs.append(3), "VAE decode tiles", once=False)
+    work.wait("plan")
+    assert runs == [1, 3]
+    assert not work.start("plan", lambda: lambda: runs.append(4), "VAE decode tiles")  # once: it ran already

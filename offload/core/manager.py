@@ -30,7 +30,7 @@ from .auto_offload import config_at_level, describe, levels_for
 from .devices import default_device, resolve_device  # noqa: F401 - default_device stays importable from here
 from . import host_memory
 from .host_memory import default_pin_limit
-from .kernel_warmup import KernelWarmup
+from .background import BackgroundWork
 from .layerwise import LayerwiseOffloader
 from .loaded_model import LoadedModel
 from .memory_guard import BudgetExceeded, available_device_bytes, oom_guard
@@ -99,8 +99,9 @@ class OffloadManager:
         self._logged: set[str] = set()
         self.history: list[UseRecord] = []
         """The last uses of components (bounded), newest last."""
-        self.kernel_warmup = KernelWarmup()
-        """The DiTs' GPU kernels, compiled in the background from the moment a DiT is about to be placed."""
+        self.background = BackgroundWork()
+        """Work started ahead of the stage that needs it: the DiTs' GPU kernels, compiled from the moment a DiT is
+        about to be placed; a decode's tiles, planned while the DiT samples (``pipeline.stages``)."""
 
     # ------------------------------------------------------------------ loading
 
@@ -277,6 +278,12 @@ class OffloadManager:
                         model.name, name, placer.nbytes / 2**30,
                     )
 
+    def on_device(self, model: LoadedModel, name: str) -> bool:
+        """Whether component ``name``'s weights are on the device now, whole (placed and kept, or placed for a
+        call that has not ended)."""
+        placer = model.resources.placers.get(name)
+        return placer is not None and placer.device_buffer is not None
+
     def _memory_allows_keeping(self, nbytes: int) -> bool:
         """Whether an encoder that is not offloaded may stay on the device after its use: yes while at least half
         of the device (or of the budget) is still free, so the DiT and its activations keep their room."""
@@ -328,12 +335,12 @@ class OffloadManager:
         if kernel_compile is None or self.device.type != "cuda" or config.dit_activation_chunking == "off":
             return
         dtype, device = model.dtypes.get(name), self.device
-        self.kernel_warmup.start(self._kernel_key(model, name),
-                                 lambda: kernel_compile(model.source.config(name), dtype, device))
+        self.background.start(self._kernel_key(model, name),
+                              lambda: kernel_compile(model.source.config(name), dtype, device), "GPU kernels")
 
     def wait_for_kernels(self, model: LoadedModel, name: str) -> float:
         """Before the first forward that launches them: wait for DiT ``name``'s background compile (seconds)."""
-        return self.kernel_warmup.wait(self._kernel_key(model, name))
+        return self.background.wait(self._kernel_key(model, name))
 
     def _place_layerwise(self, model: LoadedModel, name: str, config: OffloadConfig, resident_blocks) -> nn.Module:
         """Component ``name`` (a DiT, or a streamed text encoder) with its blocks streaming from host memory."""

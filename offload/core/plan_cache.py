@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,9 @@ class PlanCache:
     def __init__(self, directory: Path | None):
         self.directory = directory
         self._loaded: dict[Path, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        """Planning may run in a background thread beside the caller's (``core.background``): one reads or writes
+        the entries at a time, so a file is never written from a dictionary that another thread is changing."""
 
     def _file(self, namespace: str, version: str) -> Path:
         return self.directory / f"{namespace}-{version}.json"
@@ -87,7 +91,16 @@ class PlanCache:
                 self._loaded[path] = {}
         return self._loaded[path]
 
+    def _lookup(self, path: Path, key: str) -> tuple[bool, Any]:
+        with self._lock:
+            entries = self._entries(path)
+            return (True, entries[key]) if key in entries else (False, None)
+
     def _store(self, path: Path, key: str, value: Any) -> None:
+        with self._lock:
+            self._store_locked(path, key, value)
+
+    def _store_locked(self, path: Path, key: str, value: Any) -> None:
         entries = self._entries(path)
         entries[key] = value
         try:
@@ -108,9 +121,9 @@ class PlanCache:
                 if self.directory is None:
                     return fn(*args)
                 path, key = self._file(namespace, version), _key(args)
-                entries = self._entries(path)
-                if key in entries:
-                    return _restore(entries[key])
+                found, value = self._lookup(path, key)
+                if found:
+                    return _restore(value)
                 value = fn(*args)
                 self._store(path, key, value)
                 return value

@@ -312,7 +312,10 @@ class FamilyStages(Protocol):
     #       start frame pasted back in (Wan2.2 TI2V-5B).
     #   kernel_compile(dit_config, dtype, device) -> Callable[[], None] | None: the compile, running nothing, of the
     #       GPU kernels the DiT's forward will launch on ``device``, built in the caller's thread and returned to be
-    #       run in the background (the offload manager does so when it places a DiT: ``core.kernel_warmup``).
+    #       run in the background (the offload manager does so when it places a DiT: ``core.background``).
+    #   decode_planner(vae_cls, vae_config, dtype, latent_shape, tiling, available_bytes) -> Callable | None: the
+    #       planning of a decode to come (``decode``'s tiling choice for that memory), prepared in the caller's thread
+    #       and returned to be run in the background while the DiT samples (``pipeline.stages``).
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +250,7 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
     space = latent_space(model)
     noise = initial_noise(params, space)
     conditioning = _with_image_condition(manager, model, config, conditioning, params)
+    plan_decode_ahead = _decode_planning(manager, model, config, (1, *noise.shape[1:]))
     if config.distributed:
         from ..distributed.launcher import WorkerGroup
         from ..distributed.sampling import sample_payload
@@ -257,6 +258,7 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
         group = manager.worker_group(model, WorkerGroup.key_for(model, config), lambda: WorkerGroup.start(model, config))
         check_sequence_split(group.plan, space, tuple(noise.shape))
         payload = sample_payload(conditioning, params, (scheduler_class, scheduler_config), noise)
+        plan_decode_ahead()  # this process only waits for the workers now
         latents = group.call("sample", payload, observer, total_steps=params.num_inference_steps)["latents"]
         return _finish_latents(model, latents, conditioning)
     stages = model.spec.stages
@@ -285,8 +287,51 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
                 manager.prefetch_next_dit(model, name, following, forwards)
             return guided_prediction(predictors[name], latents, timestep, scale, guided)
 
+        # After the placement, whose Python work would share the interpreter with the planning: from here the
+        # device has steps queued, and the few launches per block lose nothing to it.
+        plan_decode_ahead()
         latents = denoise(predict, scheduler, params, noise, manager.device, observer)
     return _finish_latents(model, latents, conditioning)
+
+
+def _vae_class(model: LoadedModel, vae: str) -> type:
+    return model.spec.component(vae).resolve(model.source.class_name(vae))
+
+
+def _decode_plan_key(model: LoadedModel, config: OffloadConfig, latent_shape: tuple[int, ...]) -> tuple:
+    return "vae decode tiles", model.source.identity, tuple(latent_shape), config.vae_tiling
+
+
+def _decode_planning(manager: OffloadManager, model: LoadedModel, config: OffloadConfig,
+                     latent_shape: tuple[int, ...]) -> Callable[[], None]:
+    """What starts planning the decode of one video's ``latent_shape`` latents in the background, for the sampler
+    to call once its steps are queued, so that the tiling is ready when sampling ends. Why: choosing the tiles
+    replays the VAE on the meta device (0.5-1 s of CPU at Wan's real size, the first time a process meets a size),
+    which otherwise sits between the last step and the first tile.
+
+    The decode's free memory is predicted here, before the DiT is placed: what is available now, less the VAE's
+    weights when they are not on the device yet, less a resident DiT about to be placed (a fully streamed one gives
+    its device memory back when sampling ends). A prediction that misses costs only replays at the decode, which
+    always chooses its tiling from the memory it finds."""
+    planner = getattr(model.spec.stages, "decode_planner", None)
+    vae = _name(model, Role.VAE)
+    available = manager.available_bytes()
+    if planner is None or vae is None or config.vae_tiling == "off" or (available is None and config.vae_tiling == "auto"):
+        return lambda: None  # nothing to plan: untiled, or "auto" without memory figures (the CPU) decodes untiled
+    if available is not None:
+        if not manager.on_device(model, vae):
+            available -= placed_bytes(model, vae)
+        if not config.dit_layerwise_offload:
+            available -= sum(placed_bytes(model, name) for name in model.dit_names if not manager.on_device(model, name))
+        available = max(available, 0)
+    dtype, cls, vae_config = model.dtypes.get(vae), _vae_class(model, vae), model.source.config(vae)
+
+    def start() -> None:
+        manager.background.start(_decode_plan_key(model, config, latent_shape),
+                                 lambda: planner(cls, vae_config, dtype, latent_shape, config.vae_tiling, available),
+                                 "VAE decode tiles", once=False)  # each run its budget (a quick replay when met)
+
+    return start
 
 
 def _finish_latents(model: LoadedModel, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
@@ -368,6 +413,8 @@ def decode_video(manager: OffloadManager, model: LoadedModel, config: OffloadCon
     def decode(config: OffloadConfig) -> torch.Tensor:
         if config.vae_tiling != "off":  # the tiling is planned from free memory: make it usable as planned
             manager.compact_device_memory()
+            # planned ahead while sampling (_plan_decode_ahead): let it finish rather than replay beside it
+            manager.background.wait(_decode_plan_key(model, config, (1, *latents.shape[1:])))
         with manager.in_use(model, _name(model, Role.VAE), config) as (vae, device):
             videos = [model.spec.stages.decode(vae, latents[i:i + 1], space, device, config.vae_tiling,
                                                manager.available_bytes()) for i in range(latents.shape[0])]

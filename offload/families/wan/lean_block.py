@@ -246,7 +246,7 @@ COMPILE_SLICE = 4
 def lean_kernel_compile(config: dict, dtype: torch.dtype, device: torch.device) -> Callable[[], None]:
     """The compile, running nothing, of the one-pass kernels (``pointwise``) that lean forwards of the blocks of a
     Wan DiT with ``config``, computing in ``dtype``, launch on CUDA ``device``: built here, returned to be run later
-    (in the background: ``core.kernel_warmup``).
+    (in the background: ``core.background``).
 
     On a machine that has never compiled them (Triton keeps them on disk after), the first denoising step of a 14B
     model spent 1.9 s compiling (H200, 480p81, 6 GiB cap: 7.79 s against 5.82 s for the second step). The kernels
