@@ -23,6 +23,7 @@ import argparse
 import os
 import contextlib
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -180,15 +181,38 @@ def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return nbytes / times[len(times) // 2] / 1e9
 
 
+class _PlanSeconds(logging.Handler):
+    """Collects the VAE tiling plans' own time on the run's path (``tiling_policy`` logs it with each plan)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seconds: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "plan_seconds"):
+            self.seconds.append(record.plan_seconds)
+
+
 @contextlib.contextmanager
 def measured(device: torch.device, out: dict):
     counters = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+    plans = _PlanSeconds()
+    policy_log = logging.getLogger("video_offload.offload.families.wan.tiling_policy")
+    level = policy_log.level
+    policy_log.setLevel(logging.INFO)
+    policy_log.addHandler(plans)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = {k: torch.cuda.memory_stats(device).get(k, 0) for k in counters}
     started = time.perf_counter()
-    yield
+    try:
+        yield
+    finally:
+        policy_log.removeHandler(plans)
+        policy_log.setLevel(level)
+    if plans.seconds:  # planning a tiled VAE pass, on the run's path (included in "seconds")
+        out["vae_plan_seconds"] = round(sum(plans.seconds), 4)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -375,6 +399,12 @@ def run_scenario(manager, model, mode, params, image, device, emit, label: dict)
     with measured(device, out):
         frames = decode_video(manager, model, config, latents)
     out["frames_shape"] = list(frames.shape)
+    # the decode's tiles planned in the background while sampling: how long that took, and how long the decode
+    # still waited for it
+    for key, seconds in manager.background.seconds.items():
+        if key[0] == "vae decode tiles" and key[2] == (1, *latents.shape[1:]):
+            out["planned_ahead_seconds"] = round(seconds, 4)
+            out["waited_for_plan_seconds"] = round(manager.background.waited.get(key, 0.0), 4)
     rows["decode"] = out
     for stage, row in rows.items():
         emit(dict(**label, stage=stage, **row))
