@@ -15,9 +15,11 @@ only logs: the stage then does it itself, as it would have anyway.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,10 @@ class BackgroundWork:
         """How long each finished piece of work took (for logs and benchmarks)."""
         self.waited: dict[Hashable, float] = {}
         """How long the stage that needed it last waited for each piece of work still running then."""
+        # The threads are daemons, so that work that hangs cannot keep the process from exiting; but one still
+        # running PyTorch code while the interpreter exits aborts the process ("terminate called without an active
+        # exception"), so an exiting process gives running work a bounded time to end first.
+        atexit.register(_finish_at_exit, weakref.ref(self))
 
     def start(self, key: Hashable, prepare: Callable[[], Callable[[], object] | None], what: str,
               once: bool = True) -> bool:
@@ -87,6 +93,17 @@ class BackgroundWork:
         with self._lock:
             return key in self._threads
 
+    def running(self) -> list[Hashable]:
+        """The keys whose work is running now."""
+        with self._lock:
+            return [key for key, thread in self._threads.items() if thread is not None and thread.is_alive()]
+
+    def finish(self, timeout: float = WAIT_SECONDS) -> None:
+        """Wait for all running work, at most ``timeout`` seconds in all."""
+        deadline = time.monotonic() + timeout
+        for key in self.running():
+            self.wait(key, max(deadline - time.monotonic(), 0.0))
+
     def wait(self, key: Hashable, timeout: float = WAIT_SECONDS) -> float:
         """Wait for ``key``'s work, if it was started; the seconds waited."""
         with self._lock:
@@ -102,3 +119,9 @@ class BackgroundWork:
         else:
             log.info("waited %.2f s for the %s for %s", waited, what, key)
         return waited
+
+
+def _finish_at_exit(owner: weakref.ref) -> None:
+    work = owner()
+    if work is not None:
+        work.finish(timeout=30.0)
