@@ -1,4 +1,4 @@
-"""The decode's tiles planned while the DiT samples (``pipeline.stages._plan_decode_ahead``, ``core.background``).
+"""The decode's tiles planned while the DiT samples (``pipeline.stages._decode_planning``, ``core.background``).
 
 Choosing a tiled decode's grid replays the VAE on the meta device; planned ahead, in a background thread, from the
 VAE's config alone, the decode finds every replay it asks for already done. Checked through the real pipeline on

@@ -8,8 +8,9 @@ ahead, 6.25 s. Choosing a tiled decode's grid replays the VAE's code on the meta
 vae_tiling``), 0.5-1 s of CPU at Wan's real size between the last step and the first tile; planned while the DiT
 samples, nothing.
 
-One :class:`BackgroundWork` belongs to the offload manager. It runs each piece of work once per key, in a daemon
-thread, and lets the stage that needs it wait for it, so that the two never do the same work twice. Work that fails
+One :class:`BackgroundWork` belongs to the offload manager. It runs each piece of work once per key (or once at a
+time, for work redone per run), in a daemon thread, and lets the stage that needs it wait for it, so that the two
+never do the same work twice. Work that fails
 only logs: the stage then does it itself, as it would have anyway.
 """
 
@@ -30,7 +31,7 @@ or a planner that hangs must not hang the run."""
 
 
 class BackgroundWork:
-    """Work started ahead, at most once per key (say, a model's component, its dtype and device)."""
+    """Work started ahead, per key (say, a model's component, its dtype and device): once, or one at a time."""
 
     def __init__(self) -> None:
         self._threads: dict[Hashable, threading.Thread | None] = {}
@@ -51,11 +52,12 @@ class BackgroundWork:
               once: bool = True) -> bool:
         """Unless it ran (``once``) or runs for ``key``: call ``prepare`` here, in the caller's thread, and run what
         it returns in the background; True if work was started. ``once=False`` is for work whose inputs may differ
-        from one run to the next under the same key (a budget): it starts again once the last one has ended. ``prepare`` builds what the work needs where building may
-        touch process-wide state (a model built under the meta device sets the default device for a moment) that a
-        background thread must not change under the caller; the work itself may only use thread-local state.
-        ``what`` names the work in logs ("GPU kernels", "VAE decode tiles"). A ``prepare`` that fails only logs,
-        once per key."""
+        from one run to the next under the same key (a budget): it starts again once the last one has ended.
+
+        ``prepare`` builds what the work needs where building may touch process-wide state (a model built under the
+        meta device sets the default device for a moment) that a background thread must not change under the
+        caller; the work itself may only use thread-local state. ``what`` names the work in logs ("GPU kernels",
+        "VAE decode tiles"). A ``prepare`` that fails only logs."""
         with self._lock:
             thread = self._threads.get(key)
             if key in self._threads and (once or (thread is not None and thread.is_alive())):

@@ -324,12 +324,13 @@ def _decode_planning(manager: OffloadManager, model: LoadedModel, config: Offloa
         if not config.dit_layerwise_offload:
             available -= sum(placed_bytes(model, name) for name in model.dit_names if not manager.on_device(model, name))
         available = max(available, 0)
-    dtype, cls, vae_config = model.dtypes.get(vae), _vae_class(model, vae), model.source.config(vae)
+    def prepare() -> Callable[[], object] | None:  # in the caller's thread; a failure here is only logged
+        return planner(_vae_class(model, vae), model.source.config(vae), model.dtypes.get(vae), latent_shape,
+                       config.vae_tiling, available)
 
     def start() -> None:
-        manager.background.start(_decode_plan_key(model, config, latent_shape),
-                                 lambda: planner(cls, vae_config, dtype, latent_shape, config.vae_tiling, available),
-                                 "VAE decode tiles", once=False)  # each run its budget (a quick replay when met)
+        manager.background.start(_decode_plan_key(model, config, latent_shape), prepare, "VAE decode tiles",
+                                 once=False)  # each run with its own budget (a quick replay when met before)
 
     return start
 
@@ -413,7 +414,7 @@ def decode_video(manager: OffloadManager, model: LoadedModel, config: OffloadCon
     def decode(config: OffloadConfig) -> torch.Tensor:
         if config.vae_tiling != "off":  # the tiling is planned from free memory: make it usable as planned
             manager.compact_device_memory()
-            # planned ahead while sampling (_plan_decode_ahead): let it finish rather than replay beside it
+            # planned ahead while sampling (_decode_planning): let it finish rather than replay beside it
             manager.background.wait(_decode_plan_key(model, config, (1, *latents.shape[1:])))
         with manager.in_use(model, _name(model, Role.VAE), config) as (vae, device):
             videos = [model.spec.stages.decode(vae, latents[i:i + 1], space, device, config.vae_tiling,

@@ -55,16 +55,24 @@ def _untiled_fits(peak, budget: int) -> bool:
     return peak(True) <= budget and peak(False) <= budget
 
 
-def decode_grid(vae, latent_shape: tuple[int, ...], mode: str, available: int | None) -> VaeTiling | None:
-    """The decode's tiling (grid, and whether frames are split), or None for diffusers' untiled decode."""
+def _planned(pass_name: str, what: str, plan: Callable[[], VaeTiling | None], mode: str,
+             available: int | None) -> VaeTiling | None:
+    """``plan()``, with one INFO line when it tiles: the grid, and the plan's own time (``plan_seconds`` on the
+    record, which ``bench/e2e.py`` reads)."""
     started = time.perf_counter()
-    tiling = _decode_tiling(vae, latent_shape, mode, available)
+    tiling = plan()
     if tiling is not None:
         seconds = time.perf_counter() - started
-        logger.info("VAE decode of %s latents in %dx%d tiles%s (vae_tiling=%s, %s bytes free; planned in %.2f s)",
-                    tuple(latent_shape), *tiling.grid, ", frames one at a time" if tiling.frame_split else "", mode,
-                    available, seconds, extra={"plan_seconds": seconds, "vae_pass": "decode"})
+        logger.info("VAE %s of %s in %dx%d tiles%s (vae_tiling=%s, %s bytes free; planned in %.2f s)", pass_name,
+                    what, *tiling.grid, ", frames one at a time" if tiling.frame_split else "", mode, available,
+                    seconds, extra={"plan_seconds": seconds, "vae_pass": pass_name})
     return tiling
+
+
+def decode_grid(vae, latent_shape: tuple[int, ...], mode: str, available: int | None) -> VaeTiling | None:
+    """The decode's tiling (grid, and whether frames are split), or None for diffusers' untiled decode."""
+    return _planned("decode", f"{tuple(latent_shape)} latents",
+                    lambda: _decode_tiling(vae, latent_shape, mode, available), mode, available)
 
 
 def _decode_tiling(vae, latent_shape: tuple[int, ...], mode: str, available: int | None) -> VaeTiling | None:
@@ -102,14 +110,8 @@ def decode_planner(vae_cls: type, vae_config: dict, dtype: torch.dtype, latent_s
 
 def encode_grid(vae, video_shape: tuple[int, ...], mode: str, available: int | None) -> VaeTiling | None:
     """The encode's tiling (the image-to-video start-frame video), or None for diffusers' untiled encode."""
-    started = time.perf_counter()
-    tiling = _encode_tiling(vae, video_shape, mode, available)
-    if tiling is not None:
-        seconds = time.perf_counter() - started
-        logger.info("VAE encode of a %s video in %dx%d tiles%s (vae_tiling=%s, %s bytes free; planned in %.2f s)",
-                    tuple(video_shape), *tiling.grid, ", frames one at a time" if tiling.frame_split else "", mode,
-                    available, seconds, extra={"plan_seconds": seconds, "vae_pass": "encode"})
-    return tiling
+    return _planned("encode", f"a {tuple(video_shape)} video",
+                    lambda: _encode_tiling(vae, video_shape, mode, available), mode, available)
 
 
 def _encode_tiling(vae, video_shape: tuple[int, ...], mode: str, available: int | None) -> VaeTiling | None:
