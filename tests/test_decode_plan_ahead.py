@@ -96,3 +96,5 @@ def test_the_weightless_vae_is_the_loaded_one_for_the_planner(tiny_t2v, single_f
         weightless = tv.weightless_vae(cls, model.source.config(vae), model.dtypes[vae])
         assert tv._vae_key(weightless) == tv._vae_key(loaded)
         assert all(p.device.type == "meta" for p in weightless.parameters())
+        # built once: the sampler asks for it before every run's steps, on the run's path
+        assert tv.weightless_vae(cls, model.source.config(vae), model.dtypes[vae]) is weightless

@@ -98,19 +98,16 @@ class PlanCache:
 
     def _store(self, path: Path, key: str, value: Any) -> None:
         with self._lock:
-            self._store_locked(path, key, value)
-
-    def _store_locked(self, path: Path, key: str, value: Any) -> None:
-        entries = self._entries(path)
-        entries[key] = value
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(entries, f)
-            os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
-        except OSError as e:
-            log.debug("plan cache %s not written: %s", path, e)
+            entries = self._entries(path)
+            entries[key] = value
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(entries, f)
+                os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
+            except OSError as e:
+                log.debug("plan cache %s not written: %s", path, e)
 
     def memoize(self, namespace: str, version: str) -> Callable[[Callable], Callable]:
         """Decorator: the function's value for given (hashable, JSON-able) arguments is read from disk when a

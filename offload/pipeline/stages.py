@@ -287,7 +287,7 @@ def _sample(manager, model: LoadedModel, config: OffloadConfig, conditioning, pa
                 manager.prefetch_next_dit(model, name, following, forwards)
             return guided_prediction(predictors[name], latents, timestep, scale, guided)
 
-        # After the placement, whose Python work would share the interpreter with the planning: from here the
+        # After the placement, whose Python work would share the interpreter with the planning: from here on the
         # device has steps queued, and the few launches per block lose nothing to it.
         plan_decode_ahead()
         latents = denoise(predict, scheduler, params, noise, manager.device, observer)

@@ -481,8 +481,9 @@ def _decode_tile(vae, plan: DecodePlan, tile: _Tile, store: torch.Tensor, out: t
         x = to_device(store[:, :, k : k + 1], device)[..., r0:r1, c0:c1].contiguous()
         run.run(0, x, first_chunk=(k == 0))
         del x
-    if run.t_out != out.shape[1 if frames else 2]:
-        raise RuntimeError(f"decoded {run.t_out} frames, expected {out.shape[1 if frames else 2]}")
+    expected = out.shape[1 if frames else 2]
+    if run.t_out != expected:
+        raise RuntimeError(f"decoded {run.t_out} frames, expected {expected}")
 
 
 @torch.no_grad()
@@ -713,10 +714,16 @@ def _vae_key(vae) -> tuple:
 def weightless_vae(cls: type, config: dict, dtype: torch.dtype) -> nn.Module:
     """A VAE of ``cls`` built from ``config`` on the meta device, with the replays' own copy of it made too: what
     planning needs of a VAE that is not loaded, built here because building touches process-wide state (the
-    default device) that planning in a background thread must not (``tiling_policy.decode_planner``)."""
+    default device) that planning in a background thread must not (``tiling_policy.decode_planner``). Kept per
+    class, config and dtype: the sampler asks for it before every run's steps."""
+    return _weightless_vae(cls, json.dumps(config, sort_keys=True), str(dtype))
+
+
+@functools.lru_cache(maxsize=4)
+def _weightless_vae(cls: type, config_json: str, dtype: str) -> nn.Module:
     with torch.device("meta"):
-        vae = cls.from_config(config).eval()
-    vae = nn.Module.to(vae, dtype)
+        vae = cls.from_config(json.loads(config_json)).eval()
+    vae = nn.Module.to(vae, getattr(torch, dtype.split(".")[-1]))
     _meta_vae(_vae_key(vae))
     return vae
 
@@ -871,7 +878,8 @@ def _replay_encode(key, probe_shape, grid, frame_split, lean=True):
         video_probe = video.numel() * item
         mem.current -= video_probe  # the meta "video" stands for a host tensor
         mem.peak = mem.current
-        store = torch.empty((b, dim, len(_chunks(fp)), h, w), dtype=dtype, device=meta_dev)
+        store_shape = (b, dim, len(_chunks(fp)), h, w)
+        store = torch.empty(store_shape, dtype=dtype, device=meta_dev)
         store_probe = store.numel() * item
         tile_peak = 0
         for tile in _worst_tiles(plan.tiles):
@@ -879,7 +887,7 @@ def _replay_encode(key, probe_shape, grid, frame_split, lean=True):
             _encode_tile(meta, plan, tile, video, store, meta_dev, frame_split, lean)
             tile_peak = max(tile_peak, mem.peak)
         mem.current += video_probe  # balance the finalizer of the meta video
-    return _replay_encode_global(key, (b, dim, len(_chunks(fp)), h, w)), tile_peak, store_probe, b * dim * h * w * item, item
+    return _replay_encode_global(key, store_shape), tile_peak, store_probe, b * dim * h * w * item, item
 
 
 @functools.lru_cache(maxsize=64)
@@ -1001,12 +1009,8 @@ def _choose(h: int, w: int, estimate, budget: int) -> tuple[int, int]:
             return seen[a]
         return seen[below] + (seen[above] - seen[below]) * (a - below) / (above - below)
 
-    finest_fits: list[bool] = []
-
-    def check_finest() -> None:
-        if not finest_fits:
-            finest_fits.append(replay(finest) <= budget)
-        if not finest_fits[0]:
+    def check_finest() -> None:  # a replay the estimate's cache answers when it was made before
+        if replay(finest) > budget:
             raise MemoryError("no tiling of the VAE pass fits the memory budget; free GPU memory or keep the output "
                               "and the store on the CPU (output_device='cpu', store_device='cpu')")
 
@@ -1015,14 +1019,14 @@ def _choose(h: int, w: int, estimate, budget: int) -> tuple[int, int]:
         tile = tile_of(g)
         if any(tile[0] >= a and tile[1] >= b for a, b in too_big):
             continue
-        if len(too_big) == 2:  # a tight budget: the finest grid answers whether anything fits, and anchors guesses
-            check_finest()
         guess = predicted(g) if len(seen) >= 2 else None
         if guess is not None and guess > SKIP_PREDICTED_OVER * budget:
             continue
         if replay(g) <= budget:
             return g
         too_big.append(tile)
+        if len(too_big) == 2:  # a tight budget: the finest grid answers whether anything fits, and anchors guesses
+            check_finest()
     check_finest()
     return finest
 
